@@ -1,0 +1,201 @@
+"""Configuration: one dataclass per concern, YAML files, dotted `key=value` overrides.
+
+    cfg = load_config(Stage1Config, "configs/stage1_orpo.yaml", ["train.lr=1e-4", "lora.r=8"])
+
+An unknown key or a value of the wrong type is a one-line `UserError` naming the key and the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from preflexor.errors import UserError
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    source: str = "smollm2-135m-instruct"  # HF dir, .gguf file, or an embedded default name
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
+    add_reasoning_tokens: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))  # may add embed_tokens, lm_head
+    rslora: bool = False
+    train_new_token_rows: bool = True  # stage 1: rows of the reasoning tokens in the embedding/head are trained
+
+
+@dataclass
+class DataConfig:
+    pairs: str | None = None  # a preference JSONL; None = the active loop generates pairs
+    corpus: str = "ontology"  # "ontology" (embedded default), a folder of .txt/.md, or a .jsonl with "text"
+    retrieval: str = "tfidf"  # tfidf | dense | hybrid | none
+    teacher: str = "grounded"  # grounded | http | local
+    teacher_url: str = "http://127.0.0.1:8000/v1"
+    teacher_model: str = "default"
+    teacher_source: str | None = None  # checkpoint for the local teacher
+    rejected_source: str = "model"  # model | teacher_incorrect
+    pairs_per_iteration: int = 16
+    heldout_pairs: int = 16
+    max_prompt_len: int = 256
+    max_length: int = 768
+    system_prompt: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    name: str = "orpo"  # orpo | exo_pair | sigmoid | ipo
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cDPO smoothing for sigmoid; epsilon for exo_pair
+    mask: str = "none"  # answer_only | random_fraction | none (stage 2 thinking masks)
+    keep_delimiter: bool = True
+    mask_fraction: float = 0.2
+    precompute_ref: bool = False  # stage 2: reference log-probs once per generated batch
+
+
+@dataclass
+class SampleConfig:
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 0.9
+    max_new_tokens: int = 128
+    num_samples: int = 1
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/stage1"
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    lr: float = 5e-5
+    schedule: str = "constant"  # constant | cosine (warmup + cosine)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 1  # pairs per micro-batch
+    grad_accum: int = 2
+    max_grad_norm: float = 1.0
+    iterations: int = 1  # active loop: regenerate data this many times
+    steps_per_iteration: int = 10  # optimizer steps on each iteration's pairs
+    eval_every: int = 0  # optimizer steps; 0 = at the end of every iteration only
+    save_every: int = 0  # optimizer steps; 0 = at the end of every iteration only
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | <checkpoint dir>
+    log_every: int = 1
+    eval_generations: int = 8  # held-out greedy generations for the thinking-format rate
+    eval_max_new_tokens: int = 96
+    save_merged: bool = True
+    fsdp: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Everything a training script reads; stage 1 and 2 differ only in defaults (see configs/)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# -- loading -----------------------------------------------------------------------------------------------------
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (arg, *_) = typing.get_args(tp) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, arg) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls, data: dict, where: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown config key '{prefix}{key}' (valid: {', '.join(sorted(fields))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where, f"{prefix}{key}.")
+            continue
+        float_key = tp is float or float in typing.get_args(tp)
+        if float_key and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads `5e-5` (no dot) as a string; accept it (and ints) for float keys
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, tp):
+            tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+            raise UserError(f"{where}: config key '{prefix}{key}' expects {tname}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Load `cls` (a dataclass of dataclasses) from a YAML file plus `key=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise UserError(f"override '{ov}' must look like key=value (e.g. train.lr=1e-4)")
+        key, raw = ov.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return _build(cls, tree, where)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,36 @@
+import pytest
+
+from preflexor.config import RunConfig, load_config
+from preflexor.errors import UserError
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1.0e-4\n  out_dir: runs/x\nlora:\n  r: 8\n")
+    cfg = load_config(RunConfig, p, ["train.lr=3e-5", "lora.targets=[q_proj,v_proj]", "data.pairs=null", "loss.beta=1"])
+    assert cfg.train.lr == 3e-5 and cfg.train.out_dir == "runs/x"
+    assert cfg.lora.r == 8 and cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.data.pairs is None
+    assert isinstance(cfg.loss.beta, float) and cfg.loss.beta == 1.0  # an int is accepted for a float key
+    assert cfg.model.source == "smollm2-135m-instruct"  # untouched defaults stay
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lrr=1", "unknown config key 'train.lrr' (valid: "),
+    ("trian.lr=1", "unknown config key 'trian'"),
+    ("lora.r=abc", "config key 'lora.r' expects int, got 'abc'"),
+    ("train.lr", "must look like key=value"),
+])
+def test_bad_keys_and_types_are_one_line_errors(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(RunConfig, None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(RunConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(UserError, match=r"bad\.yaml:\d+: invalid YAML"):
+        load_config(RunConfig, bad)
