@@ -1,0 +1,418 @@
+"""Preference pairs "in situ" from a corpus, with the reference's structure (preflexor.md §2.2):
+
+    random chunks (or a topic -> retrieval) -> question -> retrieval over the whole corpus enriches the context, and
+    the knowledge graph adds the neighbourhood of the question's concepts -> thinking sections -> answer
+    chosen   = <|thinking|> sections <|/thinking|> answer
+    rejected = the current model's own answer (stage 1: prompt without the thinking trigger; stage 2: with it,
+               sampled on-policy), or the teacher's incorrect answer
+    prompt   = question + " Use <|thinking|>."
+
+Records are JSONL `{"prompt", "chosen", "rejected", "meta"}` with provenance in meta. Output is appended line by
+line with fsync; a rerun reads the valid lines (a torn last line is cut away) and continues from their count. Every
+example is seeded from (seed, index), so a rerun writes the same examples and no index is written twice.
+
+CLI: python -m preflexor.datagen --out data/pairs.jsonl --n 64 [--config configs/data.yaml] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from preflexor.data import validate_record
+from preflexor.errors import UserError, exit_on_user_error
+from preflexor.graph import format_triples
+from preflexor.teacher import BACKGROUND, CATEGORIES, KNOWLEDGE_GRAPH, ChatTeacher, format_context, stable_rng
+from preflexor.utils import append_jsonl
+
+THINK_START, THINK_END = "<|thinking|>", "<|/thinking|>"
+THINKING_TRIGGER = " Use <|thinking|>."  # appended to every training question (preflexor.md §1.3)
+# stage-1 rejected prompt: the question without the thinking trigger, asking for a direct answer (§2.2 step 8)
+DIRECT_ANSWER_PROMPT = "Give the answer to this question: {question}\nThe answer is:"
+REJECTED_SOURCES = ("model", "teacher_incorrect")
+
+
+@dataclass
+class DatagenConfig:
+    """configs/data.yaml; every key can be overridden on the command line as key=value."""
+    corpus: str = "ontology"  # "ontology", a folder of .txt/.md, or a .jsonl with "text"
+    chunk_size: int = 256
+    chunk_overlap: int = 32
+    retrieval: str = "tfidf"  # tfidf | dense | hybrid | none
+    retrieve_k: int = 3  # chunks retrieved for the question (enrichment)
+    context_chunks: int = 3  # random chunks the question is drawn from (the reference takes 3)
+    topics: list[str] | None = None  # instead of random chunks: retrieve the context for each topic in turn
+    kg_triples: int = 8  # at most this many graph triples in the Knowledge Graph section
+    teacher: str = "grounded"  # grounded | http | local
+    teacher_url: str = "http://127.0.0.1:8000/v1"
+    teacher_model: str = "default"
+    api_key_env: str = "OPENAI_API_KEY"
+    teacher_source: str | None = None  # checkpoint of the local teacher
+    teacher_max_tokens: int = 512
+    max_concurrency: int = 4  # HTTP teacher: requests in flight
+    timeout: float = 120.0
+    max_retries: int = 5
+    backoff: float = 0.5
+    rejected: str = "teacher_incorrect"  # model | teacher_incorrect
+    stage: int = 1  # the model's rejected answer: 1 = without the thinking trigger, 2 = with it
+    model: str = "smollm2-135m-instruct"  # policy that writes model-rejected answers
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 0.9
+    max_new_tokens: int = 256
+    batch_size: int = 16  # examples per batch (one sampler call for model-rejected answers)
+    system_prompt: str | None = None
+    seed: int = 0
+
+
+# -----------------------------------------------------------------------------
+# one example, teacher side
+
+def assemble_thinking(sections: dict[str, str]) -> str:
+    """`<|thinking|>\\n` + `**{Section}**:\\n\\n{content}\\n\\n` per section + `<|/thinking|>` (§2.2 step 5)."""
+    return THINK_START + "\n" + "".join(f"**{name}**:\n\n{content.strip()}\n\n" for name, content in
+                                        sections.items()) + THINK_END
+
+
+def _context(i: int, seed: int, chunks, retriever, topics, n_context: int):
+    rng = stable_rng(seed, "context", i)
+    if topics:
+        topic = topics[i % len(topics)]
+        if retriever is None:
+            raise UserError("datagen: topics need a retriever (retrieval must not be 'none')")
+        return topic, [c for c, _ in retriever.search(topic, n_context)]
+    return None, rng.sample(list(chunks), min(n_context, len(chunks)))
+
+
+def teacher_part(i: int, teacher, chunks, graph, retriever, seed: int, topics=None, context_chunks: int = 3,
+                 retrieve_k: int = 3, kg_triples: int = 8, want_incorrect: bool = False,
+                 graph_lock: threading.Lock | None = None, chunk_index: dict | None = None) -> dict:
+    """Everything of example i that the teacher writes: prompt, chosen, (incorrect answer) and provenance."""
+    lock = graph_lock or threading.Lock()
+    by_id = chunk_index if chunk_index is not None else {c.chunk_id: c for c in chunks}
+    topic, ctx = _context(i, seed, chunks, retriever, topics, context_chunks)
+    question = " ".join(teacher.question_for(ctx).split())
+    if not question:
+        raise UserError(f"datagen: teacher {teacher.name} returned an empty question for example {i}")
+    # retrieval over the whole corpus enriches the context (the reference's RAG step)
+    ctx_ids = {c.chunk_id for c in ctx}
+    retrieved = [] if retriever is None else \
+        [c for c, _ in retriever.search(question, retrieve_k + len(ctx)) if c.chunk_id not in ctx_ids][:retrieve_k]
+    # the knowledge graph adds the neighbourhood of the question's concepts
+    with lock:
+        concepts, triples, graph_chunk_ids = graph_context(graph, question, kg_triples)
+    graph_chunks = [by_id[cid] for cid in graph_chunk_ids if cid in by_id and cid not in ctx_ids
+                    and cid not in {c.chunk_id for c in retrieved}]
+    context = format_context(ctx)
+    if retrieved or graph_chunks:
+        context += "\n\nAdditional information:\n" + format_context(retrieved + graph_chunks)
+    sections = teacher.thinking_sections(question, context, concepts)
+    kg = list(teacher.knowledge_graph(question, context, triples))
+    if isinstance(teacher, ChatTeacher):  # an LLM's triples grow the graph (Graph-PRefLexOR); list what was added
+        with lock:
+            added = graph.add_triples(format_triples(kg), [c.chunk_id for c in ctx], f"teacher:{teacher.name}")
+            kg = [(graph.label(u), r, graph.label(v)) for u, r, v in added]
+    kg = list(dict.fromkeys(kg))[:kg_triples] or triples
+    ordered = {KNOWLEDGE_GRAPH: format_triples(kg) if kg else "(no known relations)"}
+    ordered.update({name: sections.get(name, "") for name in [*CATEGORIES, BACKGROUND]})
+    thinking = assemble_thinking(ordered)
+    answer = teacher.answer(question, context, thinking).strip()
+    if not answer:
+        raise UserError(f"datagen: teacher {teacher.name} returned an empty answer for example {i}")
+    out = {"prompt": question + THINKING_TRIGGER, "chosen": thinking + "\n" + answer,
+           "meta": {"index": i, "seed": seed, "question": question, "answer": answer, "topic": topic,
+                    "teacher": teacher.name, "context_chunks": [c.chunk_id for c in ctx],
+                    "retrieved_chunks": [c.chunk_id for c in retrieved],
+                    "graph_chunks": [c.chunk_id for c in graph_chunks], "concepts": list(concepts),
+                    "triples": [list(t) for t in kg]}}
+    if hasattr(teacher, "focus_of"):  # the grounded teacher: which ontology term the question is about
+        out["meta"]["focus"] = teacher.focus_of(question)
+    if want_incorrect:
+        out["rejected"] = teacher.incorrect_answer(question).strip() or "I do not know."
+    return out
+
+
+def defining_chunks(graph, node: str) -> list[str]:
+    """The chunks that define a concept (an ontology term's own document), else the first chunk mentioning it."""
+    cids = graph.g.nodes[node].get("chunk_ids", [])
+    own = [c for c in cids if c.startswith(node + "#")]
+    return own or cids[:1]
+
+
+def graph_context(graph, question: str, max_triples: int) -> tuple[list[str], list[tuple[str, str, str]], list[str]]:
+    """(labels of the concepts in the question, up to `max_triples` (A, relation, B) label triples of their
+    neighbourhood, chunk ids defining those concepts and their neighbours)."""
+    nodes = graph.find_concepts(question)
+    per = max(1, max_triples // max(1, len(nodes)))  # share the budget between the question's concepts
+    edges: dict[tuple[str, str, str], None] = {}
+    for rnd in (per, max_triples):
+        for n in nodes:
+            for e in graph.neighbourhood_edges(n, hops=1, max_edges=rnd):
+                if len(edges) < max_triples:
+                    edges.setdefault(e)
+    chunk_ids: dict[str, None] = {}
+    for n in [*nodes, *(x for u, _, v in edges for x in (u, v))]:
+        chunk_ids.update(dict.fromkeys(defining_chunks(graph, n)))
+    triples = [(graph.label(u), r, graph.label(v)) for u, r, v in edges]
+    return [graph.label(n) for n in nodes], triples, list(chunk_ids)
+
+
+# -----------------------------------------------------------------------------
+# rejected answers from the model (batched sampler)
+
+def model_prompt(tok, question: str, stage: int, system: str | None = None) -> list[int]:
+    """Token ids of the rejected-answer prompt: stage 1 asks for a direct answer (no thinking trigger), stage 2 uses
+    the training prompt itself (question + trigger), formatted exactly as `data.tokenize_pair` formats it."""
+    text = DIRECT_ANSWER_PROMPT.format(question=question) if stage == 1 else question + THINKING_TRIGGER
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tok.encode_chat(msgs, add_generation_prompt=True, allow_special=True)
+
+
+def model_rejected(model, tok, questions: Sequence[str], seeds: Sequence[int], stage: int = 1,
+                   max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = 50,
+                   top_p: float | None = 0.9, system: str | None = None) -> list[str]:
+    """The policy's own answers, one sampler call for the batch (T=1.0, top-k 50, top-p 0.9 as in §4.3), one seed per
+    question. An empty sample is redrawn once with another seed; if still empty the answer is "I do not know."."""
+    from preflexor.sampler import generate
+
+    prompts = [model_prompt(tok, q, stage, system) for q in questions]
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=1,
+              stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    outs = [tok.decode(o[0], skip_special=True).strip() for o in generate(model, prompts, seed=list(seeds), **kw)]
+    empty = [j for j, o in enumerate(outs) if not o]
+    if empty:
+        again = generate(model, [prompts[j] for j in empty], seed=[seeds[j] + 7919 for j in empty], **kw)
+        for j, o in zip(empty, again):
+            outs[j] = tok.decode(o[0], skip_special=True).strip() or "I do not know."
+    return outs
+
+
+# -----------------------------------------------------------------------------
+# resumable output
+
+def read_existing(path: str | Path, run_id: str | None = None) -> list[dict]:
+    """Valid records already in `path`, in order. A torn last line (no newline, or not JSON) is truncated away;
+    any other bad line, an index out of sequence, or a record from another configuration is a UserError."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records, pos, lineno = [], 0, 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        line = data[pos:] if nl < 0 else data[pos:nl]
+        lineno += 1
+        is_last = nl < 0 or nl == len(data) - 1
+        blank = not line.strip()
+        try:
+            obj = None if blank else json.loads(line.decode("utf-8"))
+            reason = None if blank else validate_record(obj)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj, reason = None, "invalid JSON"
+        if nl < 0 and not blank and reason is None:  # a complete record that only lacks its newline
+            with open(path, "ab") as f:
+                f.write(b"\n")
+            nl = len(data)
+        elif nl < 0 or (is_last and reason is not None):  # torn by an interrupted append: cut it away
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                f.flush()
+                os.fsync(f.fileno())
+            print(f"datagen: removed a torn last line from {path} (line {lineno})", file=sys.stderr)
+            break
+        if not blank:
+            if reason is not None:
+                raise UserError(f"{path}:{lineno}: {reason}")
+            meta = obj.get("meta") or {}
+            expected = records[0]["meta"]["index"] + len(records) if records else meta.get("index")
+            if not isinstance(meta.get("index"), int) or meta["index"] != expected:
+                raise UserError(f"{path}:{lineno}: example index {meta.get('index')!r} out of sequence "
+                                f"(expected {expected}); not a datagen output file?")
+            if run_id is not None and meta.get("run") != run_id:
+                raise UserError(f"{path}:{lineno}: written by a different datagen configuration (run "
+                                f"{meta.get('run')}, now {run_id}); use another --out or delete the file")
+            records.append(obj)
+        pos = len(data) if nl < 0 else nl + 1
+    return records
+
+
+def run_fingerprint(**settings) -> str:
+    """Short hash of everything that determines the examples (not n, not the output path)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+def generate_pairs(n: int, teacher, docs, chunks, graph, retriever=None, rejected_source: str = "model",
+                   model=None, tokenizer=None, out_path: str | Path | None = None, seed: int = 0,
+                   start_index: int = 0, stage: int = 1, topics: Sequence[str] | None = None,
+                   context_chunks: int = 3, retrieve_k: int = 3, kg_triples: int = 8, max_new_tokens: int = 256,
+                   temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 0.9,
+                   system_prompt: str | None = None, batch_size: int = 16, progress: bool = True,
+                   run_settings: dict | None = None) -> list[dict]:
+    """Generate preference pairs `start_index .. start_index + n - 1` (the training loop's iteration k passes
+    start_index = k * n so every iteration sees new contexts).
+
+    With `out_path` each record is appended (fsync) as soon as its batch is done, and an existing file is resumed:
+    its valid records are kept and returned, generation continues after them. Teacher calls run concurrently for
+    teachers with `concurrency > 1` (HTTP); model-rejected answers are sampled in one batch per `batch_size`.
+    Returns the n records in index order.
+    """
+    from tqdm import tqdm
+
+    if rejected_source not in REJECTED_SOURCES:
+        raise UserError(f"datagen: rejected source {rejected_source!r} (choose from {', '.join(REJECTED_SOURCES)})")
+    if rejected_source == "model" and (model is None or tokenizer is None):
+        raise UserError("datagen: rejected source 'model' needs a model and its tokenizer")
+    if stage not in (1, 2):
+        raise UserError(f"datagen: stage must be 1 or 2, got {stage}")
+    settings = {"teacher": teacher_id(teacher), "rejected": rejected_source, "stage": stage, "seed": seed,
+                "topics": list(topics or []), "context_chunks": context_chunks, "retrieve_k": retrieve_k,
+                "kg_triples": kg_triples, "n_chunks": len(chunks), "retriever": type(retriever).__name__,
+                **({"sampling": [max_new_tokens, temperature, top_k, top_p, system_prompt]}
+                   if rejected_source == "model" else {}), **(run_settings or {})}
+    run_id = run_fingerprint(**settings)
+    records = read_existing(out_path, run_id) if out_path is not None else []
+    if records and records[0]["meta"]["index"] != start_index:
+        raise UserError(f"{out_path}:1: starts at example {records[0]['meta']['index']}, expected {start_index}")
+    records = records[:n]
+    todo = list(range(start_index + len(records), start_index + n))
+    workers = max(1, int(getattr(teacher, "concurrency", 1)))
+    graph_lock = threading.Lock()
+    chunk_index = {c.chunk_id: c for c in chunks}
+    bar = tqdm(total=n, initial=len(records), desc="pairs", unit="pair", disable=not progress, dynamic_ncols=True)
+
+    def one(i: int) -> dict:
+        return teacher_part(i, teacher, chunks, graph, retriever, seed, topics, context_chunks, retrieve_k,
+                            kg_triples, rejected_source == "teacher_incorrect", graph_lock, chunk_index)
+
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        step = max(batch_size, workers)
+        for b in range(0, len(todo), step):
+            idx = todo[b:b + step]
+            parts = list(pool.map(one, idx)) if pool else [one(i) for i in idx]
+            if rejected_source == "model":
+                rej = model_rejected(model, tokenizer, [p["meta"]["question"] for p in parts],
+                                     [example_seed(seed, i) for i in idx], stage, max_new_tokens, temperature,
+                                     top_k, top_p, system_prompt)
+                for p, r in zip(parts, rej):
+                    p["rejected"] = r
+            for p in parts:
+                rec = {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+                       "meta": {**p["meta"], "rejected_source": rejected_source, "stage": stage, "run": run_id}}
+                if out_path is not None:
+                    append_jsonl(out_path, rec)
+                records.append(rec)
+                bar.update(1)
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return records
+
+
+def example_seed(seed: int, index: int) -> int:
+    """Sampler seed of example `index` (stable across runs and batch layouts)."""
+    return stable_rng(seed, "rejected", index).randrange(2**31)
+
+
+def teacher_id(teacher) -> str:
+    """Which teacher wrote the data, for the run fingerprint and meta."""
+    if hasattr(teacher, "url"):
+        return f"http:{teacher.model}@{teacher.url}"
+    if hasattr(teacher, "seed") and teacher.name == "grounded":
+        return f"grounded:{teacher.seed}"
+    return teacher.name
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def _opt(cfg, key: str):
+    """cfg.key, or DatagenConfig's default when cfg (e.g. the training scripts' DataConfig) has no such key."""
+    return getattr(cfg, key, getattr(DatagenConfig, key))
+
+
+def build_sources(cfg, encode=None):
+    """(docs, chunks, graph, retriever) for a DatagenConfig (or any config with corpus/retrieval keys)."""
+    from preflexor.corpus import load_corpus
+    from preflexor.graph import KnowledgeGraph
+    from preflexor.retriever import build_retriever
+
+    docs, chunks = load_corpus(_opt(cfg, "corpus"), _opt(cfg, "chunk_size"), _opt(cfg, "chunk_overlap"), encode)
+    graph = KnowledgeGraph.from_corpus(docs, chunks)
+    retriever = build_retriever(_opt(cfg, "retrieval"), chunks)
+    return docs, chunks, graph, retriever
+
+
+def build_teacher(cfg, docs, chunks, graph, retriever):
+    """The teacher a config names: grounded (no LLM), http (OpenAI-compatible server) or local (a checkpoint)."""
+    from preflexor.teacher import GroundedTeacher, HTTPTeacher, LocalTeacher
+
+    kind = _opt(cfg, "teacher")
+    if kind == "grounded":
+        return GroundedTeacher(docs, chunks, graph, retriever, seed=_opt(cfg, "seed"))
+    if kind == "http":
+        return HTTPTeacher(_opt(cfg, "teacher_url"), _opt(cfg, "teacher_model"), _opt(cfg, "api_key_env"),
+                           _opt(cfg, "timeout"), _opt(cfg, "max_retries"), _opt(cfg, "backoff"),
+                           _opt(cfg, "max_concurrency"), _opt(cfg, "teacher_max_tokens"))
+    if kind == "local":
+        from preflexor.checkpoint import load_model_and_tokenizer
+
+        if not _opt(cfg, "teacher_source"):
+            raise UserError("datagen: teacher 'local' needs teacher_source=<checkpoint>")
+        m, t = load_model_and_tokenizer(_opt(cfg, "teacher_source"))
+        return LocalTeacher(m, t, seed=_opt(cfg, "seed"), max_tokens=_opt(cfg, "teacher_max_tokens"))
+    raise UserError(f"datagen: unknown teacher {kind!r} (choose from grounded, http, local)")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    from preflexor.config import load_config
+
+    ap = argparse.ArgumentParser(description="Generate PRefLexOR preference pairs (JSONL, resumable).")
+    ap.add_argument("--out", required=True, help="output JSONL (appended; an existing file is resumed)")
+    ap.add_argument("--n", type=int, required=True, help="number of pairs the file should hold")
+    ap.add_argument("--config", default=None, help="YAML config (see configs/data.yaml)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    cfg = load_config(DatagenConfig, args.config, args.overrides)
+    t0 = time.perf_counter()
+    docs, chunks, graph, retriever = build_sources(cfg)
+    teacher = build_teacher(cfg, docs, chunks, graph, retriever)
+    model = tok = None
+    if cfg.rejected == "model":
+        from preflexor.checkpoint import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(cfg.model)
+    t_setup = time.perf_counter() - t0
+    before = len(read_existing(args.out)) if Path(args.out).exists() else 0
+    t1 = time.perf_counter()
+    records = generate_pairs(args.n, teacher, docs, chunks, graph, retriever, cfg.rejected, model, tok, args.out,
+                             cfg.seed, 0, cfg.stage, cfg.topics, cfg.context_chunks, cfg.retrieve_k, cfg.kg_triples,
+                             cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.system_prompt,
+                             cfg.batch_size, progress=not args.no_progress,
+                             run_settings={"corpus": cfg.corpus, "chunking": [cfg.chunk_size, cfg.chunk_overlap],
+                                           "model": cfg.model if cfg.rejected == "model" else None})
+    dt = time.perf_counter() - t1
+    new = len(records) - min(before, len(records))
+    print(json.dumps({"out": str(args.out), "pairs": len(records), "new": new, "setup_s": round(t_setup, 2),
+                      "gen_s": round(dt, 2), "pairs_per_s": round(new / dt, 2) if dt > 0 and new else None,
+                      "config": asdict(cfg)}))
+
+
+if __name__ == "__main__":
+    main()
