@@ -239,6 +239,17 @@ class Transformer(nn.Module):
             self.lm_head = head
         self.config.vocab_size = new_size
 
+    @torch.no_grad()
+    def untie_head(self) -> None:
+        """Give the head its own copy of the embedding (PRefLexOR untied Llama-3.2-3B so that LoRA on `embed_tokens`
+        and on `lm_head` are separate deltas; preflexor.md §3.5)."""
+        if self.lm_head is not None:
+            return
+        w = self.model.embed_tokens.weight
+        self.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.lm_head.weight.copy_(w)
+        self.config.tie_word_embeddings = False
+
     # -- KV cache ----------------------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> None:
         p = self.model.embed_tokens.weight

@@ -1,0 +1,117 @@
+"""Parity of our Transformer (loaded by `checkpoint.load_model`) with transformers' Llama/Qwen2 on random tiny configs,
+and cached vs uncached greedy decoding (STYLE.md 28, 29)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from preflexor.checkpoint import load_model
+
+V = 128  # TINY_CONFIG vocab in conftest
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # head_dim 16, theta 5e5: wavelengths span all three bands
+
+CASES = {
+    "llama-gqa-tied": ("llama", dict(tie_word_embeddings=True, rope_theta=10000.0)),
+    "llama3-rope-untied": ("llama", dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "llama3-rope-tied": ("llama", dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
+    "qwen2-bias-untied": ("qwen2", dict(tie_word_embeddings=False, rope_theta=10000.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case, tmp_path, hf_tiny_model):
+    kind, overrides = CASES[case]
+    ref = hf_tiny_model(kind, **overrides)
+    ref.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert model.config.tie_word_embeddings == overrides["tie_word_embeddings"]
+    assert (model.lm_head is None) == overrides["tie_word_embeddings"]
+    assert model.config.attention_bias == (kind == "qwen2")
+    if "rope_scaling" in overrides:
+        assert model.config.rope_scaling["rope_type"] == "llama3"
+    ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+        logits = model(ids)
+        hidden = model(ids, return_hidden=True)
+    assert out.logits.std() > 0.5  # a real signal, not near-zero logits that any bug would still match
+    assert_close(logits, out.logits, atol=1e-5, rtol=0)
+    assert_close(hidden, out.hidden_states[-1], atol=1e-5, rtol=0)
+
+
+def test_llama3_rope_scaling_changes_the_output(tmp_path, hf_tiny_model):
+    """The rope-scaling case above can fail: without scaling the logits differ well beyond the tolerance."""
+    ref = hf_tiny_model("llama", **CASES["llama3-rope-untied"][1])
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key] = {"rope_type": "default", "rope_theta": 500000.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = torch.arange(40).remainder(V)[None]
+    with torch.no_grad():
+        diff = (load_model(tmp_path)(ids) - ref(ids).logits).abs().max()
+    assert diff > 1e-2
+
+
+def test_sharded_safetensors_load(tmp_path, hf_tiny_model):
+    ref = hf_tiny_model("llama", tie_word_embeddings=False)
+    ref.save_pretrained(tmp_path, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    model = load_model(tmp_path)
+    ids = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(model(ids), ref(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_meta_build_leaves_nothing_on_meta_and_respects_dtype(tmp_path, hf_tiny_model):
+    hf_tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert not any(t.is_meta for t in tensors.values())
+    assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in model.parameters())
+    assert model.inv_freq.dtype == torch.float32  # RoPE frequencies stay float32, as in HF
+    with torch.no_grad():
+        assert model(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.bfloat16
+
+
+def greedy_uncached(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        nxt = model(ids)[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def greedy_cached(model, prompt: list[int], n: int) -> list[int]:
+    """Prefill the prompt into the KV cache, then one token per step at `input_pos`."""
+    T = len(prompt)
+    model.setup_cache(1, T + n)
+    try:
+        logits = model(torch.tensor([prompt]), input_pos=torch.arange(T))
+        out = [int(logits[0, -1].argmax())]
+        for pos in range(T, T + n - 1):
+            logits = model(torch.tensor([[out[-1]]]), input_pos=torch.tensor([pos]))
+            out.append(int(logits[0, -1].argmax()))
+        return out
+    finally:
+        model.clear_cache()
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-tied", "qwen2-bias-untied"])
+def test_cached_and_uncached_greedy_decoding_agree(case, tmp_path, hf_tiny_model):
+    kind, overrides = CASES[case]
+    hf_tiny_model(kind, seed=3, **overrides).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    prompt = [5, 17, 99, 3, 64, 12, 7]
+    with torch.no_grad():
+        uncached = greedy_uncached(model, prompt, 20)
+        cached = greedy_cached(model, prompt, 20)
+    assert cached == uncached
+    assert len(set(uncached)) > 3  # the continuation is not one repeated token
