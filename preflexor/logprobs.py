@@ -1,0 +1,222 @@
+"""Per-token and per-sequence log-probs of labels under the LM head, without materialising [tokens, vocab] logits.
+
+The preference losses need only log p(y_t) at each label, but the eager route (logits = hidden @ W.T, log_softmax,
+gather) holds several [N, V] float32 tensors: 0.4 GB each for 2k tokens of SmolLM2 (V=49152), 2.1 GB each for 4k
+tokens of Llama-3.2 (V=128256). `token_logps` walks the tokens in chunks instead (the fused-linear design of Liger's
+FLCE and CCE, reference/losses.md §2.3-2.4): the forward keeps one float32 logsumexp per token, the backward
+recomputes each chunk's logits and turns them in place into d logp / d logits = onehot - softmax. Beyond the
+inputs and their gradients, peak memory is one [chunk, V] block. `token_logps_reference` is the plain path the
+tests hold it to.
+
+Labels are not shifted here: `labels[i]` is the token predicted from `hidden[i]` (the caller shifts once).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from preflexor import kernels
+
+CHUNK_BYTES = 512 * 2**20  # cap on one float32 [chunk, V] logits block: 1040 tokens at V=128256, 2728 at V=49152
+MIN_CHUNK = 256  # rows below which large-H matmuls lose efficiency (measured on CPU at H=3072: +30% at 256 vs 1024)
+IMPL_ENV = "PREFLEXOR_LOGPROBS_IMPL"  # "auto" (default) | "torch" | "triton": force a path, e.g. in tests
+
+
+def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
+    """Tokens per chunk: a quarter of the batch (so the logits held at once are at most 1/4 of the full [N, V]),
+    but at least MIN_CHUNK rows for matmul efficiency and at most CHUNK_BYTES of float32 logits; a multiple of 8.
+
+    E.g. 512 tokens for 2k tokens at V=49152 (100 MiB), 1024 for 4k tokens at V=128256 (501 MiB).
+    """
+    by_bytes = max(8, CHUNK_BYTES // (4 * vocab_size) // 8 * 8)
+    quarter = max(MIN_CHUNK, -(-n_tokens // 32) * 8)  # ceil(N / 4), rounded up to a multiple of 8
+    return max(1, min(n_tokens, by_bytes, quarter))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types and float32; float64 stays float64 (for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _resolve_impl(impl: str | None, device: torch.device) -> str:
+    impl = impl or os.environ.get(IMPL_ENV, "auto")
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"logprobs impl must be auto|torch|triton (argument or ${IMPL_ENV}), got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and kernels.available() else "torch"
+    if impl == "triton" and not kernels.available():
+        raise ValueError("logprobs impl 'triton' requested but triton is not installed")
+    return impl
+
+
+def _lse_logp_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, unit_grad: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Torch twin of kernels.lse_and_logp: (logsumexp [n], label log-prob [n], optional onehot - softmax [n, V]).
+
+    Works in place on `logits` (a temporary of the caller) so one [n, V] float32 block is live at a time.
+    """
+    x = logits.to(_acc_dtype(logits.dtype))  # [n, V]; a copy only for half-precision logits
+    valid = labels != ignore_index
+    picked = x.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)  # [n]
+    m = x.amax(dim=1, keepdim=True)  # [n, 1]
+    total = x.sub_(m).exp_().sum(dim=1)  # [n]; x now holds exp(logits - m)
+    lse = total.log().add_(m.squeeze(1))
+    logp = torch.where(valid, picked - lse, 0.0)
+    if not unit_grad:
+        return lse, logp, None
+    g = x.div_(total[:, None])  # [n, V] softmax
+    return lse, logp, _onehot_minus_(g, labels, valid.to(g.dtype), valid)
+
+
+def _onehot_minus_(p: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Turn softmax p [n, V] in place into scale[:, None] * (onehot(labels) - p); scale is 0 on ignored rows."""
+    p.mul_(-scale[:, None])
+    rows = torch.arange(p.shape[0], device=p.device)
+    p.index_put_((rows, torch.where(valid, labels, 0)), scale, accumulate=True)
+    return p
+
+
+def _softmax_grad_(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
+                   ignore_index: int) -> torch.Tensor:
+    """Torch twin of kernels.softmax_grad_: scale * (onehot - softmax) from the saved lse, zero rows where ignored."""
+    valid = labels != ignore_index
+    p = logits.to(lse.dtype).sub_(lse[:, None]).exp_()  # [n, V] softmax, in place for float32 logits
+    return _onehot_minus_(p, labels, torch.where(valid, scale.to(lse.dtype), 0.0), valid)
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """logp[i] = (h[i] @ W.T)[y_i] - logsumexp(h[i] @ W.T), chunked over tokens; see the module docstring.
+
+    When only `hidden` needs a gradient (a frozen head, as under LoRA), the forward also stores
+    (onehot - softmax) @ W per token ([N, H]): d logp_i / d h_i does not depend on the upstream gradient except
+    through the row scale grad_out[i], so the backward is one multiply and no logits are recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, use_triton, precompute_grad_hidden):
+        N = hidden.shape[0]
+        w = weight.to(hidden.dtype)  # the matmul runs in the activations' dtype (bf16 under autocast-style use)
+        lse = torch.empty(N, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+        out = torch.empty_like(lse)
+        grad_hidden_unit = torch.empty_like(hidden) if precompute_grad_hidden else None
+        for s in range(0, N, chunk_size):
+            h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
+            logits = h @ w.t()  # [n, V]
+            if use_triton:
+                lse_c, logp_c = kernels.lse_and_logp(logits, y, ignore_index)
+                g = None
+                if precompute_grad_hidden:
+                    g = kernels.softmax_grad_(logits, y, lse_c, torch.ones_like(lse_c), ignore_index)
+            else:
+                lse_c, logp_c, g = _lse_logp_(logits, y, ignore_index, unit_grad=precompute_grad_hidden)
+            lse[s:s + chunk_size], out[s:s + chunk_size] = lse_c, logp_c
+            if precompute_grad_hidden:
+                torch.mm(g.to(w.dtype), w, out=grad_hidden_unit[s:s + chunk_size])
+            del logits, g  # free this [n, V] block before the next chunk's matmul allocates one
+        ctx.ignore_index, ctx.chunk_size, ctx.use_triton = ignore_index, chunk_size, use_triton
+        ctx.precomputed = precompute_grad_hidden
+        if precompute_grad_hidden:
+            ctx.save_for_backward(grad_hidden_unit)
+        else:
+            ctx.save_for_backward(hidden, weight, labels, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.precomputed:
+            (grad_hidden_unit,) = ctx.saved_tensors
+            return grad_hidden_unit * grad_out[:, None].to(grad_hidden_unit.dtype), None, None, None, None, None, None
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        if need_w:  # at least float32 accumulation across chunks; written straight into the result when W is fp32
+            grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device)
+        c = ctx.chunk_size
+        for s in range(0, hidden.shape[0], c):
+            h, y = hidden[s:s + c], labels[s:s + c]
+            g = _chunk_grad(h @ w.t(), y, lse[s:s + c], grad_out[s:s + c], ctx.ignore_index, ctx.use_triton)
+            g = g.to(w.dtype)  # [n, V]; no copy in float32
+            if need_h:
+                torch.mm(g, w, out=grad_hidden[s:s + c])
+            if need_w:
+                if h.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), h)
+                else:
+                    grad_w.add_(g.t() @ h)  # half-precision product, float32 accumulator
+            del g  # free this [n, V] block before the next chunk's matmul allocates one
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_hidden, grad_w, None, None, None, None, None
+
+
+def _chunk_grad(logits, labels, lse, scale, ignore_index, use_triton):
+    """d logp / d logits for one chunk, scaled per row by the upstream gradient."""
+    if use_triton:
+        return kernels.softmax_grad_(logits, labels, lse, scale.float(), ignore_index)
+    return _softmax_grad_(logits, labels, lse, scale, ignore_index)
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                chunk_size: int | None = None, impl: str | None = None) -> torch.Tensor:
+    """Log-prob of each label under softmax(hidden @ weight.T), 0.0 where labels == ignore_index.
+
+    Args:
+        hidden: [N, H] or [B, T, H] final hidden states (after the last norm).
+        weight: [V, H] LM-head weight (gradient optional: skipped when it does not require grad).
+        labels: hidden's leading shape; the token predicted from each hidden row (already shifted).
+        chunk_size: tokens per chunk; None picks `default_chunk_size` (a quarter of the tokens, 256 to 512 MiB).
+        impl: "torch" (chunked PyTorch, any device), "triton" (kernels.py; CUDA, or CPU under TRITON_INTERPRET=1),
+            "auto" = triton on CUDA when installed, else torch. Default: $PREFLEXOR_LOGPROBS_IMPL or "auto".
+    Returns:
+        tensor of labels' shape, float32 (float64 for float64 inputs, which gradcheck uses).
+    """
+    if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"token_logps: hidden {tuple(hidden.shape)} must be [..., H] and weight "
+                         f"{tuple(weight.shape)} [V, H] with the same H")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"token_logps: labels {tuple(labels.shape)} must match hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"token_logps: chunk_size must be >= 1, got {chunk_size}")
+    use_triton = _resolve_impl(impl, hidden.device) == "triton"
+    # an out-of-range label would make the Triton kernels read out of bounds silently; check once, up front
+    if bool(((labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))).any()):
+        raise ValueError(f"token_logps: labels must be in [0, {weight.shape[0]}) or {ignore_index}")
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # [N, H]
+    y = labels.reshape(-1).long()  # [N]
+    chunk = chunk_size or default_chunk_size(h2.shape[0], weight.shape[0])
+    grad_on = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    precompute = grad_on and hidden.requires_grad and not weight.requires_grad
+    out = _ChunkedTokenLogps.apply(h2, weight, y, ignore_index, chunk, use_triton, precompute)
+    return out.view(labels.shape)
+
+
+def token_logps_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          ignore_index: int = -100) -> torch.Tensor:
+    """The eager path: full logits (matmul in the inputs' dtype, then at least float32), log_softmax, gather."""
+    logits = (hidden @ weight.to(hidden.dtype).t()).to(_acc_dtype(hidden.dtype))  # [..., V]
+    valid = labels != ignore_index
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logp, 0.0)
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """Sum (average=False; DPO/EXO) or mean (average=True; IPO, ORPO) of token log-probs where mask != 0.
+
+    token_logps, mask: [B, T]. Any extra mask (response-only, thinking tokens hidden) is just folded into `mask`.
+    The mean divides by the token count clamped to >= 1, so a fully masked row gives 0.0, not 0/0 (TRL #1473).
+    Returns [B], float32 (float64 for float64 input).
+    """
+    if token_logps.dim() != 2 or mask.shape != token_logps.shape:
+        raise ValueError(f"sequence_logps: token_logps {tuple(token_logps.shape)} and mask {tuple(mask.shape)} "
+                         "must both be [B, T]")
+    keep = mask != 0
+    total = torch.where(keep, token_logps.to(_acc_dtype(token_logps.dtype)), 0.0).sum(dim=1)  # [B]
+    if not average:
+        return total
+    return total / keep.sum(dim=1).clamp(min=1).to(total.dtype)

@@ -1,0 +1,161 @@
+"""token_logps (chunked, custom autograd) against the eager reference; sequence_logps sums and means."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from preflexor import logprobs
+from preflexor.logprobs import default_chunk_size, sequence_logps, token_logps, token_logps_reference
+
+IGNORE = -100
+
+
+def _inputs(N=27, H=37, V=1001, dtype=torch.float32, seed=0, logit_std=4.0):
+    """Non-power-of-two H and V; logits with std ~logit_std (peaked softmaxes); ~20% ignored labels."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (logit_std / H ** 0.5)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < 0.2] = IGNORE
+    labels[0] = IGNORE
+    return hidden.to(dtype), weight.to(dtype), labels
+
+
+def _fwd_bwd(fn, hidden, weight, labels, grad_out, weight_grad=True, hidden_grad=True):
+    h = hidden.clone().requires_grad_(hidden_grad)
+    w = weight.clone().requires_grad_(weight_grad)
+    out = fn(h, w, labels)
+    (out * grad_out).sum().backward()
+    return out.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 100, None])
+@pytest.mark.parametrize("grads", ["hidden+weight", "hidden", "weight"])
+def test_token_logps_matches_reference_fp32(chunk_size, grads):
+    hidden, weight, labels = _inputs()
+    grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
+    flags = dict(weight_grad="weight" in grads, hidden_grad="hidden" in grads)
+    ref = _fwd_bwd(token_logps_reference, hidden, weight, labels, grad_out, **flags)
+    ours = _fwd_bwd(lambda h, w, y: token_logps(h, w, y, chunk_size=chunk_size, impl="torch"),
+                    hidden, weight, labels, grad_out, **flags)
+    assert ours[0].dtype == torch.float32
+    assert torch.all(ours[0][labels == IGNORE] == 0.0)
+    if flags["hidden_grad"]:
+        assert torch.all(ours[1][labels == IGNORE] == 0.0)  # ignored tokens pass no gradient to their hidden row
+    for a, b in zip(ours, ref):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logps_3d_shape_and_no_grad():
+    hidden, weight, labels = _inputs(N=24)
+    h3, y3 = hidden.view(4, 6, -1), labels.view(4, 6)  # [B, T, H], [B, T]
+    out = token_logps(h3, weight, y3, chunk_size=5)
+    assert out.shape == (4, 6)
+    torch.testing.assert_close(out, token_logps_reference(h3, weight, y3), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        out = token_logps(h3.requires_grad_(), weight, y3)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_token_logps_gradcheck_float64(weight_grad):
+    hidden, weight, labels = _inputs(N=6, H=5, V=7, dtype=torch.float64, logit_std=2.0)
+    h = hidden.requires_grad_(True)
+    w = weight.requires_grad_(weight_grad)
+    assert torch.autograd.gradcheck(lambda h, w: token_logps(h, w, labels, chunk_size=4, impl="torch"), (h, w))
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_token_logps_bf16_no_worse_than_eager(weight_grad):
+    """CCE-style: |ours_bf16 - gt| <= |eager_bf16 - gt| + 1e-2 elementwise, gt = the fp32 reference on the same
+    (bf16-representable) inputs. The upstream gradient is scaled like a mean loss (|grad| well below 1), so 1e-2 is
+    a few bf16 ulps of the gradients, not a free pass: a wrong softmax or a missed row is off by ~0.1."""
+    hidden, weight, labels = _inputs(N=64, H=48, V=503, seed=3)
+    hb, wb = hidden.bfloat16(), weight.bfloat16()
+    grad_out = 0.25 * torch.randn(labels.shape, generator=torch.Generator().manual_seed(4))
+    gt = _fwd_bwd(token_logps_reference, hb.float(), wb.float(), labels, grad_out, weight_grad)
+    eager = _fwd_bwd(token_logps_reference, hb, wb, labels, grad_out, weight_grad)
+    ours = _fwd_bwd(lambda h, w, y: token_logps(h, w, y, chunk_size=24, impl="torch"), hb, wb, labels, grad_out,
+                    weight_grad)
+    assert ours[1].dtype == torch.bfloat16 and (not weight_grad or ours[2].dtype == torch.bfloat16)
+    for name, o, e, t in zip(["logp", "grad_hidden", "grad_weight"], ours, eager, gt):
+        if t is None:
+            continue
+        err_ours, err_eager = (o.float() - t).abs(), (e.float() - t).abs()
+        assert torch.all(err_ours <= err_eager + 1e-2), f"{name}: worst excess {(err_ours - err_eager).max():.3g}"
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_token_logps_never_materialises_full_logits(weight_grad):
+    hidden, weight, labels = _inputs(N=128, H=16, V=1001)
+    N, V = hidden.shape[0], weight.shape[0]
+    grad_out = torch.ones(N)
+    with _LargestTensor() as eager:
+        _fwd_bwd(token_logps_reference, hidden, weight, labels, grad_out, weight_grad)
+    assert eager.max_numel >= N * V  # the probe sees the [N, V] logits of the eager path
+    with _LargestTensor() as ours:
+        _fwd_bwd(lambda h, w, y: token_logps(h, w, y, chunk_size=16, impl="torch"), hidden, weight, labels, grad_out,
+                 weight_grad)
+    assert ours.max_numel <= max(16 * V, V * hidden.shape[1])  # one [chunk, V] block, or the [V, H] weight grad
+
+
+def test_default_chunk_size_and_bad_args():
+    assert default_chunk_size(10, 49152) == 10
+    assert default_chunk_size(2048, 49152) == 512  # a quarter of the tokens
+    assert default_chunk_size(4096, 128256) == 1024
+    assert default_chunk_size(1000, 1001) == logprobs.MIN_CHUNK
+    for V in (49152, 128256):  # long batches: capped by bytes
+        rows = default_chunk_size(100_000, V)
+        assert rows % 8 == 0 and rows * V * 4 <= logprobs.CHUNK_BYTES < (rows + 8) * V * 4
+    hidden, weight, labels = _inputs(N=8)
+    with pytest.raises(ValueError, match="labels"):
+        token_logps(hidden, weight, labels[:5])
+    with pytest.raises(ValueError, match="same H"):
+        token_logps(hidden[:, :10], weight, labels)
+    with pytest.raises(ValueError, match="labels must be in"):
+        token_logps(hidden, weight, torch.full_like(labels, weight.shape[0]))
+    with pytest.raises(ValueError, match="impl"):
+        token_logps(hidden, weight, labels, impl="cuda")
+
+
+def test_impl_env_var(monkeypatch):
+    monkeypatch.setenv(logprobs.IMPL_ENV, "bogus")
+    hidden, weight, labels = _inputs(N=8)
+    with pytest.raises(ValueError, match="PREFLEXOR_LOGPROBS_IMPL"):
+        token_logps(hidden, weight, labels)
+    monkeypatch.setenv(logprobs.IMPL_ENV, "torch")
+    assert logprobs._resolve_impl(None, torch.device("cpu")) == "torch"
+    monkeypatch.delenv(logprobs.IMPL_ENV)
+    assert logprobs._resolve_impl(None, torch.device("cpu")) == "torch"  # auto on CPU
+
+
+def test_sequence_logps_sum_mean_and_masks():
+    tok = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -0.5, 0.0, 0.0], [-9.0, -9.0, -9.0, -9.0]])
+    response = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    torch.testing.assert_close(sequence_logps(tok, response, average=False), torch.tensor([-9.0, -1.0, 0.0]))
+    torch.testing.assert_close(sequence_logps(tok, response, average=True), torch.tensor([-3.0, -0.5, 0.0]))
+    thinking = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)  # hide token 1 of row 0
+    answer_only = response & ~thinking
+    torch.testing.assert_close(sequence_logps(tok, answer_only, average=True), torch.tensor([-3.5, -0.5, 0.0]))
+    torch.testing.assert_close(sequence_logps(tok, answer_only.float(), average=False), torch.tensor([-7.0, -1.0, 0.0]))
+    assert sequence_logps(tok.bfloat16(), response, average=True).dtype == torch.float32
+    with pytest.raises(ValueError, match="mask"):
+        sequence_logps(tok, response[:, :3], average=True)
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        sequence_logps(tok.flatten(), response.flatten(), average=False)
