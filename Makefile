@@ -20,6 +20,24 @@ $(STAMP): requirements.txt requirements-assets.txt requirements-test.txt
 	$(PIP) install -q -r requirements-test.txt
 	touch $(STAMP)
 
+# Stage 1: ORPO with thinking tokens in the active loop -> runs/stage1/final/{adapter,model}
+train-stage1: setup
+	$(PY) train_orpo.py --config $(or $(CONFIG),configs/stage1_orpo.yaml) $(ARGS)
+
+# Stage 2: EXO on on-policy rejected answers, thinking masked -> runs/stage2/final/{adapter,model}
+train-stage2: setup
+	$(PY) train_dpo.py --config $(or $(CONFIG),configs/stage2_exo.yaml) $(ARGS)
+
+# Recursive reasoning on the newest stage-2 (else stage-1, else base) model: make infer PROMPT="..." [ARGS="--recursive 3"]
+PROMPT ?=
+infer: setup
+	$(PY) infer.py "$(PROMPT)" $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+# Preference pairs from the embedded corpus with the grounded teacher (N pairs, resumable)
+N ?= 64
+data: setup
+	$(PY) -m preflexor.datagen --config configs/data.yaml --out data/pairs.jsonl --n $(N) $(ARGS)
+
 test: setup
 	$(PY) -m pytest -q tests
 

@@ -48,6 +48,8 @@ class DataConfig:
     teacher_model: str = "default"
     teacher_source: str | None = None  # checkpoint for the local teacher
     rejected_source: str = "model"  # model | teacher_incorrect
+    kg_triples: int = 8  # graph triples in the Knowledge Graph thinking section
+    section_lines: int | None = None  # grounded teacher: at most this many lines per thinking section (short data)
     pairs_per_iteration: int = 16
     heldout_pairs: int = 16
     max_prompt_len: int = 256

@@ -51,6 +51,7 @@ class DatagenConfig:
     context_chunks: int = 3  # random chunks the question is drawn from (the reference takes 3)
     topics: list[str] | None = None  # instead of random chunks: retrieve the context for each topic in turn
     kg_triples: int = 8  # at most this many graph triples in the Knowledge Graph section
+    section_lines: int | None = None  # grounded teacher: at most this many lines per thinking section
     teacher: str = "grounded"  # grounded | http | local
     teacher_url: str = "http://127.0.0.1:8000/v1"
     teacher_model: str = "default"
@@ -331,7 +332,8 @@ def teacher_id(teacher) -> str:
     if hasattr(teacher, "url"):
         return f"http:{teacher.model}@{teacher.url}"
     if hasattr(teacher, "seed") and teacher.name == "grounded":
-        return f"grounded:{teacher.seed}"
+        lines = getattr(teacher, "section_lines", None)
+        return f"grounded:{teacher.seed}" + (f":lines={lines}" if lines else "")
     return teacher.name
 
 
@@ -361,7 +363,8 @@ def build_teacher(cfg, docs, chunks, graph, retriever):
 
     kind = _opt(cfg, "teacher")
     if kind == "grounded":
-        return GroundedTeacher(docs, chunks, graph, retriever, seed=_opt(cfg, "seed"))
+        return GroundedTeacher(docs, chunks, graph, retriever, seed=_opt(cfg, "seed"),
+                               section_lines=_opt(cfg, "section_lines"))
     if kind == "http":
         return HTTPTeacher(_opt(cfg, "teacher_url"), _opt(cfg, "teacher_model"), _opt(cfg, "api_key_env"),
                            _opt(cfg, "timeout"), _opt(cfg, "max_retries"), _opt(cfg, "backoff"),

@@ -303,8 +303,9 @@ class GroundedTeacher:
     name = "grounded"
     concurrency = 1
 
-    def __init__(self, docs, chunks, graph=None, retriever=None, seed: int = 0):
+    def __init__(self, docs, chunks, graph=None, retriever=None, seed: int = 0, section_lines: int | None = None):
         self.graph, self.retriever, self.seed = graph, retriever, seed
+        self.section_lines = section_lines  # keep at most this many lines per thinking section (CPU-sized data)
         first_chunk: dict[str, str] = {}
         for c in chunks:
             first_chunk.setdefault(c.doc_id, c.chunk_id)
@@ -498,6 +499,8 @@ class GroundedTeacher:
         rng.shuffle(background)
         out["Additional Background"] = "\n".join(f"- {b}" for b in background[:3]) or \
             f"- {term.label} belongs to the {DOMAINS.get(term.ontology, 'concepts')} of the corpus."
+        if self.section_lines:
+            out = {k: "\n".join(v.split("\n")[:self.section_lines]) for k, v in out.items()}
         return out
 
     def knowledge_graph(self, question: str, context: str, triples: Sequence[tuple[str, str, str]]) -> list[tuple]:

@@ -1,0 +1,581 @@
+"""Training-loop pieces shared by stage 1 (ORPO) and stage 2 (EXO/DPO/IPO).
+
+Device and distributed setup, AdamW and schedules, the preference step (one forward over chosen+rejected, the fused
+chunked log-probs, a loss from `losses.py`), the adapter-disabled reference, atomic checkpoints with full resume
+state, metrics as JSONL with PNG plots, and the held-out evaluation. The scripts (`train_orpo.py`, `train_dpo.py`)
+call these in the order they read: config, device, data, model, optimizer, loop, save.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from preflexor.errors import UserError
+from preflexor.logprobs import sequence_logps, token_logps
+from preflexor.losses import LossSpec
+from preflexor.utils import append_jsonl, atomic_dir, atomic_write_json
+
+# -- device, precision, distributed ------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # dtype of the frozen base weights
+    autocast: torch.dtype | None  # bf16 autocast on CUDA, None on CPU (fp32)
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast_ctx(self):
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", verbose: bool = True) -> Runtime:
+    """Resolve device and precision once (env PREFLEXOR_DEVICE overrides), and join a `torchrun` group if launched
+    under one (gloo on CPU, nccl on CUDA). Prints the choice and why."""
+    device = os.environ.get("PREFLEXOR_DEVICE", device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        why = "CUDA available" if device == "cuda" else "no CUDA device"
+    else:
+        why = "configured"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is available (use train.device=auto or cpu)")
+    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" and world > 1 else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if dtype == "auto":
+        base = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    else:
+        base = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        if base is None:
+            raise UserError(f"model.dtype: unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
+    rt = Runtime(dev, base, torch.bfloat16 if dev.type == "cuda" else None, rank, world)
+    if verbose and rt.main:
+        prec = "bf16 autocast" if rt.autocast else "fp32"
+        print(f"device: {dev} ({why}), base weights {str(base).removeprefix('torch.')}, {prec}, world size {world}")
+    return rt
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients across ranks (data parallel). LoRA gradients are small, so one flat all-reduce is cheap and
+    keeps the synchronisation visible; it also covers parameters used outside `forward` (the head weight)."""
+    if world <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def all_reduce_mean(x: float, rt: Runtime) -> float:
+    if rt.world <= 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item() / rt.world)
+
+
+# -- optimizer and schedule --------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW over the trainable parameters; no weight decay on norms, biases and other 1-D tensors (fused on CUDA)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # no decay on norms, biases and the trained rows of new tokens (they start at the mean embedding)
+            (no_decay if p.ndim < 2 or name.endswith(("bias", "new_rows")) else decay).append(p)
+    if not decay and not no_decay:
+        raise UserError("no trainable parameters (check lora.targets and lora.r)")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise UserError(f"train.schedule: unknown schedule {schedule!r} (constant, cosine)")
+
+
+def set_lr(optimizer, base_lr: float, factor: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = base_lr * factor
+    return base_lr * factor
+
+
+# -- the preference step -----------------------------------------------------------------------------------------
+
+
+def policy_logps(model, batch: dict, spec: LossSpec, rt: Runtime) -> dict:
+    """One forward over [chosen; rejected] rows -> per-sequence log-probs (mean or sum per the loss) and ORPO's NLL.
+
+    The head is applied by the chunked `token_logps` (never the full [tokens, vocab] logits)."""
+    ids = batch["input_ids"].to(rt.device)
+    with rt.autocast_ctx():
+        hidden = model(ids, return_hidden=True)  # (2B, T, H)
+    targets = batch["targets"].to(rt.device)
+    tl = token_logps(hidden.float() if rt.autocast is None else hidden, model.head_weight(), targets)  # (2B, T)
+    loss_mask, nll_mask = batch["loss_mask"].to(rt.device), batch["nll_mask"].to(rt.device)
+    seq = sequence_logps(tl, loss_mask, average=spec.average_logps)
+    chosen, rejected = seq.chunk(2)
+    out = {"chosen": chosen, "rejected": rejected}
+    if spec.needs_nll:
+        out["nll"] = -sequence_logps(tl, nll_mask, average=True).chunk(2)[0]  # token mean over each chosen response
+    return out
+
+
+def loss_kwargs(name: str, label_smoothing: float) -> dict:
+    if name == "sigmoid":
+        return {"label_smoothing": label_smoothing}
+    if name == "exo_pair":
+        return {"epsilon": label_smoothing}
+    return {}
+
+
+def preference_loss(model, batch: dict, spec: LossSpec, name: str, beta: float, label_smoothing: float, rt: Runtime,
+                    ref: dict | None = None):
+    """Per-example losses and metrics for one micro-batch; `ref` holds reference log-probs for DPO-style losses."""
+    pol = policy_logps(model, batch, spec, rt)
+    if spec.needs_nll:
+        return spec.fn(pol["chosen"], pol["rejected"], pol["nll"], beta)
+    if ref is None:
+        ref = reference_logps(model, batch, spec, rt)
+    return spec.fn(pol["chosen"], pol["rejected"], ref["chosen"].to(rt.device), ref["rejected"].to(rt.device), beta,
+                   **loss_kwargs(name, label_smoothing))
+
+
+@torch.no_grad()
+def reference_logps(model, batch: dict, spec: LossSpec, rt: Runtime) -> dict:
+    """Reference log-probs = the same network with its LoRA adapters disabled (no second copy of the weights)."""
+    from preflexor.lora import disable_lora
+
+    was_training = model.training
+    model.eval()  # dropout off: the reference is deterministic
+    with disable_lora(model):
+        out = policy_logps(model, batch, spec, rt)
+    model.train(was_training)
+    return {k: v.detach() for k, v in out.items()}
+
+
+# -- batching ----------------------------------------------------------------------------------------------------
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def take_items(n: int, seed: int, position: int, count: int) -> list[int]:
+    """Items `position .. position+count-1` of an endless stream of seeded permutations of range(n)."""
+    out = []
+    while len(out) < count:
+        epoch, offset = divmod(position, n)
+        order = epoch_order(n, seed, epoch)
+        take = min(count - len(out), n - offset)
+        out.extend(order[offset:offset + take])
+        position += take
+    return out
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Appends one JSON object per line to `metrics.jsonl` and averages per-example metrics over a step."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            append_jsonl(self.path, {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict], out_png: Path, keys: tuple[str, ...] = (
+        "loss", "nll", "rewards/margins", "rewards/accuracies", "eval/rewards/accuracies", "eval/rewards/margins")):
+    """One panel per metric against the optimizer step, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in r for r in records)]
+    if not present:
+        return
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], present):
+        pts = [(r["step"], r[k]) for r in records if k in r and "step" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def mean_metrics(metrics: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    return {prefix + k: float(v.float().mean()) for k, v in metrics.items()}
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
+    """Write `ckpt_root/step_N/` atomically: trainable tensors (LoRA + new-token rows), optimizer state, RNG states
+    and the loop state (iteration, data position, ...). The last `keep_last` checkpoints are kept."""
+    path = ckpt_root / f"step_{step}"
+    with atomic_dir(path) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        atomic_write_json(tmp / "state.json", {**state, "step": step, "python_random": _py_random_state()})
+    steps = sorted((int(m.group(1)), p) for p in ckpt_root.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name)))
+    for _, old in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _py_random_state():
+    v, internal, gauss = random.getstate()
+    return [v, list(internal), gauss]
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    steps = [(int(m.group(1)), p) for p in ckpt_root.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name))]
+    return max(steps)[1] if steps else None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore trainable tensors, optimizer, RNG and loop state from a checkpoint directory (no pickle: safetensors,
+    and `torch.load(weights_only=True)` for the optimizer state)."""
+    need = ["trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json"]
+    missing = [n for n in need if not (path / n).is_file()]
+    if missing:
+        raise UserError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        rng = load_file(str(path / "rng.safetensors"))
+        state = json.loads((path / "state.json").read_text())
+    except Exception as e:  # corrupt files: one line naming the checkpoint
+        raise UserError(f"{path}: corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(tensors) != trainable:
+        diff = sorted(set(tensors) ^ trainable)[:3]
+        raise UserError(f"{path}: checkpoint does not match the model's trainable parameters (e.g. {diff})")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            if params[n].shape != t.shape:
+                raise UserError(f"{path}: shape mismatch for {n}: {tuple(t.shape)} vs model {tuple(params[n].shape)}")
+            params[n].copy_(t)
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    v, internal, gauss = state.pop("python_random")
+    random.setstate((v, tuple(internal), gauss))
+    return state
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_pairs(model, examples: list[dict], pad_id: int, spec: LossSpec, name: str, beta: float,
+                   label_smoothing: float, rt: Runtime, batch_size: int = 4, ref_cache: list | None = None) -> dict:
+    """Loss, reward accuracy and margins on held-out pairs (model in eval mode)."""
+    from preflexor.data import collate_pairs
+
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate_pairs(examples[i:i + batch_size], pad_id)
+        ref = None
+        if ref_cache is not None:  # per-example reference log-probs from `_precompute_ref`
+            ref = {k: torch.stack([r[k] for r in ref_cache[i:i + batch_size]]) for k in ("chosen", "rejected")}
+        losses, metrics = preference_loss(model, batch, spec, name, beta, label_smoothing, rt, ref=ref)
+        k = losses.numel()
+        for key, v in {"loss": losses, **metrics}.items():
+            total = float(v.float().sum()) if v.ndim else float(v) * k  # per-example tensors, or a batch mean
+            sums[key] = sums.get(key, 0.0) + total
+        n += k
+    model.train(was_training)
+    return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+
+
+# -- the loop both stages run ------------------------------------------------------------------------------------
+
+
+def fit(model, tok, cfg, rt: Runtime, spec: LossSpec, pairs_for_iteration, heldout: list[dict], out_dir: Path) -> dict:
+    """Active preference training: for each iteration, get that iteration's pairs (generated with the current model or
+    read from a file), then run `train.steps_per_iteration` optimizer steps on them. Checkpoints every
+    `train.save_every` steps and at the end of each iteration; `train.resume=auto` continues from the newest one with
+    weights, optimizer, RNG and data position restored, so an interrupted run ends bit-identical to an uninterrupted one.
+    Returns the last held-out evaluation."""
+    from tqdm import tqdm
+
+    from preflexor.data import collate_pairs, tokenize_pairs
+
+    tc, lc, dc = cfg.train, cfg.loss, cfg.data
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, rt.device)
+    total = tc.iterations * tc.steps_per_iteration
+    ckpt_root = out_dir / "checkpoints"
+    metrics = Metrics(out_dir / "metrics.jsonl", enabled=rt.main)
+    state = {"iteration": 0, "step_in_iteration": 0, "global_step": 0, "position": 0}
+    resume_from = None
+    if tc.resume == "auto":
+        resume_from = latest_checkpoint(ckpt_root)
+    elif tc.resume not in ("never", ""):
+        resume_from = Path(tc.resume)
+        if not resume_from.is_dir():
+            raise UserError(f"train.resume: checkpoint directory {resume_from} not found")
+    if resume_from is not None:
+        state.update(load_checkpoint(resume_from, model, optimizer))
+        if rt.main:
+            print(f"resumed from {resume_from} (step {state['global_step']})")
+    elif rt.main and metrics.path.exists():
+        metrics.path.unlink()  # a fresh run starts a fresh log
+
+    mask_kw = dict(max_prompt_len=dc.max_prompt_len, max_length=dc.max_length, system=dc.system_prompt,
+                   mask_mode=lc.mask, keep_delimiter=lc.keep_delimiter, fraction=lc.mask_fraction)
+    held_ex, _ = tokenize_pairs(tok, heldout, generator=torch.Generator().manual_seed(0), **mask_kw)
+    held_ref = _precompute_ref(model, held_ex, tok.pad_id, spec, rt) if spec.needs_ref else None
+
+    def run_eval(step: int) -> dict:
+        if not held_ex:
+            return {}
+        ev = evaluate_pairs(model, held_ex, tok.pad_id, spec, lc.name, lc.beta, lc.label_smoothing, rt,
+                            batch_size=4, ref_cache=held_ref)
+        metrics.log({"step": step, **ev})
+        return ev
+
+    last_eval = run_eval(state["global_step"]) if state["global_step"] == 0 else {}
+    bar = tqdm(total=total, initial=state["global_step"], desc="train", disable=not rt.main, dynamic_ncols=True)
+    while state["iteration"] < tc.iterations:
+        it = state["iteration"]
+        records = pairs_for_iteration(it)
+        gen = torch.Generator().manual_seed(tc.seed + it)
+        examples, dropped = tokenize_pairs(tok, records, generator=gen, **mask_kw)
+        if not examples:
+            raise UserError(f"iteration {it}: no usable pairs ({dropped} dropped by truncation; raise data.max_length)")
+        ref_cache = _precompute_ref(model, examples, tok.pad_id, spec, rt) if spec.needs_ref and lc.precompute_ref else None
+        while state["step_in_iteration"] < tc.steps_per_iteration:
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            t_step, n_tokens = time.perf_counter(), 0  # throughput of the optimizer step alone (not eval/datagen)
+            for _ in range(tc.grad_accum):
+                idx = take_items(len(examples), tc.seed + it, state["position"], tc.batch_size * rt.world)
+                idx = idx[rt.rank * tc.batch_size:(rt.rank + 1) * tc.batch_size]
+                state["position"] += tc.batch_size * rt.world
+                batch = collate_pairs([examples[i] for i in idx], tok.pad_id)
+                ref = None
+                if ref_cache is not None:
+                    ref = {k: torch.stack([ref_cache[i][k] for i in idx]) for k in ("chosen", "rejected")}
+                losses, m = preference_loss(model, batch, spec, lc.name, lc.beta, lc.label_smoothing, rt, ref=ref)
+                (losses.mean() / tc.grad_accum).backward()
+                for k, v in {"loss": losses, **m}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) / tc.grad_accum
+                n_tokens += int(batch["attention_mask"].sum())
+            all_reduce_grads(trainable, rt.world)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)) if tc.max_grad_norm > 0 else 0.0
+            lr = set_lr(optimizer, tc.lr, lr_factor(state["global_step"], tc.schedule, tc.warmup_steps, total))
+            optimizer.step()
+            state["global_step"] += 1
+            state["step_in_iteration"] += 1
+            step = state["global_step"]
+            rec = {k: all_reduce_mean(v, rt) for k, v in sums.items()}
+            tokens_per_s = n_tokens * rt.world / (time.perf_counter() - t_step)
+            rec.update(step=step, iteration=it, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+            if step % max(tc.log_every, 1) == 0:
+                metrics.log(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec.get('rewards/margins', 0.0):.3f}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}")
+            end_of_iteration = state["step_in_iteration"] >= tc.steps_per_iteration
+            if (tc.eval_every and step % tc.eval_every == 0) or (end_of_iteration and not tc.eval_every):
+                last_eval = run_eval(step)
+            if end_of_iteration:
+                state.update(iteration=it + 1, step_in_iteration=0, position=0)
+            if rt.main and ((tc.save_every and step % tc.save_every == 0) or end_of_iteration):
+                save_checkpoint(ckpt_root, step, model, optimizer, state, tc.keep_last)
+            if rt.world > 1:
+                dist.barrier()
+            if end_of_iteration:
+                break
+    bar.close()
+    if not last_eval:
+        last_eval = run_eval(state["global_step"])
+    if rt.main:
+        plot_metrics(metrics.read(), out_dir / "curves.png")
+    return last_eval
+
+
+@torch.no_grad()
+def _precompute_ref(model, examples: list[dict], pad_id: int, spec: LossSpec, rt: Runtime) -> list[dict]:
+    """Reference log-probs of every example once (adapters disabled), so training steps skip the reference forward."""
+    from preflexor.data import collate_pairs
+
+    out = []
+    for ex in examples:
+        r = reference_logps(model, collate_pairs([ex], pad_id), spec, rt)
+        out.append({"chosen": r["chosen"][0].cpu(), "rejected": r["rejected"][0].cpu()})
+    return out
+
+
+# -- data for the loop -------------------------------------------------------------------------------------------
+
+
+class PairSource:
+    """Where each iteration's pairs come from: a fixed preference JSONL (the last `data.heldout_pairs` records held
+    out), or the active loop, which generates `data.pairs_per_iteration` fresh pairs per iteration with the current
+    model writing the rejected answers (stage 1 without the thinking trigger, stage 2 with it). Generated pairs are
+    kept in `out_dir/data/` (iter_NNN.jsonl, heldout.jsonl); a resumed run reads them back instead of regenerating."""
+
+    HELDOUT_INDEX = 1_000_000  # held-out examples live in their own index range, away from training contexts
+
+    def __init__(self, cfg, tok, model, rt: Runtime, out_dir: Path, stage: int):
+        from preflexor.data import load_pairs
+
+        self.cfg, self.tok, self.model, self.rt, self.stage = cfg, tok, model, rt, stage
+        self.dir = out_dir / "data"
+        dc = cfg.data
+        if dc.pairs:
+            records = load_pairs(dc.pairs)
+            n_held = min(dc.heldout_pairs, max(len(records) - 1, 0))
+            self.train_records, self.heldout_records = records[:len(records) - n_held], records[len(records) - n_held:]
+            self.sources = None
+        else:
+            from preflexor.datagen import DatagenConfig, build_sources, build_teacher
+
+            gcfg = DatagenConfig(corpus=dc.corpus, retrieval=dc.retrieval, teacher=dc.teacher,
+                                 teacher_url=dc.teacher_url, teacher_model=dc.teacher_model,
+                                 teacher_source=dc.teacher_source, seed=dc.seed, system_prompt=dc.system_prompt,
+                                 kg_triples=dc.kg_triples, section_lines=dc.section_lines)
+            docs, chunks, graph, retriever = build_sources(gcfg)
+            self.sources = (build_teacher(gcfg, docs, chunks, graph, retriever), docs, chunks, graph, retriever)
+            self.heldout_records = None
+
+    def _generate(self, n: int, start_index: int, path: Path) -> list[dict]:
+        from preflexor.data import load_pairs
+        from preflexor.datagen import generate_pairs
+
+        if self.rt.main:
+            teacher, docs, chunks, graph, retriever = self.sources
+            sc = self.cfg.sample
+            was_training = self.model.training
+            self.model.eval()
+            records = generate_pairs(n, teacher, docs, chunks, graph, retriever,
+                                     rejected_source=self.cfg.data.rejected_source, model=self.model,
+                                     tokenizer=self.tok, out_path=path, seed=self.cfg.data.seed,
+                                     start_index=start_index, stage=self.stage, kg_triples=self.cfg.data.kg_triples,
+                                     max_new_tokens=sc.max_new_tokens,
+                                     temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                                     system_prompt=self.cfg.data.system_prompt)
+            self.model.train(was_training)
+        if self.rt.world > 1:
+            dist.barrier()
+            if not self.rt.main:
+                records = load_pairs(path)
+        return records
+
+    def heldout(self) -> list[dict]:
+        if self.heldout_records is None:
+            self.heldout_records = self._generate(self.cfg.data.heldout_pairs, self.HELDOUT_INDEX,
+                                                  self.dir / "heldout.jsonl")
+        return self.heldout_records
+
+    def for_iteration(self, it: int) -> list[dict]:
+        if self.sources is None:
+            return self.train_records
+        n = self.cfg.data.pairs_per_iteration
+        return self._generate(n, it * n, self.dir / f"iter_{it:03d}.jsonl")
+
+
+def finish_run(model, tok, cfg, rt: Runtime, out_dir: Path, questions: list[str], before: dict | None,
+               last_eval: dict) -> dict:
+    """After training: the thinking-format rate again, `summary.json`, the PEFT adapter in `final/adapter/` and the
+    merged model in HF format in `final/model/` (main rank only)."""
+    from preflexor.checkpoint import save_model
+    from preflexor.evaluate import format_rate
+    from preflexor.lora import merge_lora, save_adapter
+
+    summary = {"eval": last_eval}
+    if not rt.main:
+        return summary
+    after = format_rate(model, tok, questions, cfg.train.eval_max_new_tokens, cfg.data.system_prompt) if questions else None
+    summary.update(format_before=before, format_after=after)
+    if before and after:
+        print(f"thinking-format rate: before {before['format_rate']:.2f} -> after {after['format_rate']:.2f} "
+              f"(opens with <|thinking|>: {before['opens_thinking_rate']:.2f} -> {after['opens_thinking_rate']:.2f})")
+    print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()))
+    save_adapter(model, out_dir / "final" / "adapter", base_model_name_or_path=cfg.model.source)
+    if cfg.train.save_merged:
+        merge_lora(model)
+        save_model(model, tok, out_dir / "final" / "model")
+    atomic_write_json(out_dir / "summary.json", summary)
+    print(f"saved {out_dir / 'final'}")
+    return summary

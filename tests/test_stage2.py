@@ -1,0 +1,87 @@
+"""Stage 2: the adapter-disabled reference, DPO at step 0, no extra parameter storage, and the script end to end."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_train import ENV, ROOT, adapter_tensors, run_script, tiny_args, write_pairs
+
+
+@pytest.fixture
+def setup(tiny_llama_dir, tmp_path):
+    """A fresh "stage-1 model" (the tiny Llama with reasoning tokens), its tokenizer and a batch of 3 pairs."""
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.data import collate_pairs, load_pairs, tokenize_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=6)
+    model, tok = load_model_and_tokenizer(tiny_llama_dir)
+    examples, _ = tokenize_pairs(tok, load_pairs(pairs), mask_mode="answer_only", max_length=96)
+    return model, tok, collate_pairs(examples[:3], tok.pad_id)
+
+
+def test_step0_dpo_is_ln2_and_reference_is_the_stage1_model(setup):
+    from preflexor.losses import get_loss
+    from preflexor.lora import apply_lora
+    from preflexor.train import policy_logps, preference_loss, reference_logps, setup_runtime
+
+    stage1, tok, batch = setup
+    rt = setup_runtime("cpu", "float32", verbose=False)
+    spec = get_loss("sigmoid")
+    stage1.eval()
+    before = policy_logps(stage1, batch, spec, rt)  # the stage-1 model itself, before any adapter exists
+
+    model = apply_lora(stage1, r=4, alpha=8, dropout=0.1)
+    model.train()
+    ref = reference_logps(model, batch, spec, rt)
+    for k in ("chosen", "rejected"):
+        assert torch.equal(ref[k], before[k]), "reference log-probs must be the stage-1 model's"
+    model.eval()  # dropout off: at step 0 the policy equals the reference
+    losses, m = preference_loss(model, batch, spec, "sigmoid", 0.1, 0.0, rt)
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)), atol=1e-6, rtol=0)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert float(m[k].abs().max()) < 1e-6
+
+
+def test_reference_adds_no_parameter_storage(setup):
+    from preflexor.lora import apply_lora, disable_lora
+
+    model = apply_lora(setup[0], r=4, alpha=8)
+
+    def storages():
+        return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    policy = storages()
+    n_tensors = sum(t.numel() for t in model.parameters())
+    with disable_lora(model):
+        assert storages() == policy
+        assert sum(t.numel() for t in model.parameters()) == n_tensors
+    assert any("lora_a" in n for n, _ in model.named_parameters())  # the adapters are there, just disabled
+
+
+@pytest.mark.slow
+def test_train_dpo_script_end_to_end_resume_and_bad_input(tmp_path, tiny_llama_dir):
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "stage2"
+    args = ["--config", "configs/stage2_exo.yaml", *tiny_args(
+        tiny_llama_dir, pairs, out, "loss.name=exo_pair", "loss.label_smoothing=0.005", "loss.mask=answer_only",
+        "loss.precompute_ref=true", "lora.train_new_token_rows=false", "train.iterations=1",
+        "train.eval_generations=0")]
+    r = run_script("train_dpo.py", args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in recs if "eval/rewards/margins" in x]
+    assert evals[0]["step"] == 0 and abs(evals[0]["eval/rewards/margins"]) < 1e-5  # policy == reference at step 0
+    assert (out / "final" / "model" / "config.json").is_file() and adapter_tensors(out)
+    # rerunning a finished run resumes from its last checkpoint and trains nothing more
+    r = run_script("train_dpo.py", args)
+    assert r.returncode == 0 and "resumed from" in r.stdout
+    # bad input: a stage-1 loss, a missing stage-1 model
+    for extra, needle in [(["loss.name=orpo"], "stage-1 loss"), (["model.source=runs/nope/final/model"], "train-stage1")]:
+        r = subprocess.run([sys.executable, str(ROOT / "train_dpo.py"), *args, *extra], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

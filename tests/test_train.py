@@ -1,0 +1,175 @@
+"""The training engine: exact resume after SIGKILL, accumulation invariance, torchrun/gloo parity, and bad input.
+
+Every script run here is a real subprocess on a tiny random Llama (2 layers, hidden 64, SmolLM2's tokenizer) and a
+small preference JSONL, so the whole file takes about a minute on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_pairs(path: Path, n: int = 12, bad_line: int | None = None) -> Path:
+    rng = random.Random(0)
+    words = "bone collagen enamel keratin tendon cartilage mineral fibre stiffness toughness".split()
+    lines = []
+    for i in range(n):
+        w = rng.sample(words, 3)
+        lines.append(json.dumps({
+            "prompt": f"How does {w[0]} relate to {w[1]}? Use <|thinking|>.",
+            "chosen": f"<|thinking|>\n**Reasoning Steps**:\n\n{w[0]} and {w[1]} share {w[2]}.\n\n<|/thinking|>\n"
+                      f"{w[0].capitalize()} relates to {w[1]} through {w[2]}.",
+            "rejected": f"{w[2].capitalize()} is unrelated {i}.", "meta": {"i": i}}))
+    if bad_line is not None:
+        lines[bad_line - 1] = '{"prompt": "x", "chosen": 3}'
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_args(model_dir: Path, pairs: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.source={model_dir}", f"data.pairs={pairs}", "data.heldout_pairs=2", f"train.out_dir={out}",
+            "train.iterations=2", "train.steps_per_iteration=3", "train.batch_size=2", "train.grad_accum=1",
+            "train.lr=1e-3", "train.save_every=1", "train.keep_last=2", "train.eval_generations=1",
+            "train.eval_max_new_tokens=4", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1", "data.max_length=96",
+            *extra]
+
+
+def run_script(script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bit_identical(tmp_path, tiny_llama_dir):
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    r = run_script("train_orpo.py", tiny_args(tiny_llama_dir, pairs, ref_out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = adapter_tensors(ref_out)
+    losses_ref = [m["loss"] for m in map(json.loads, (ref_out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert len(losses_ref) == 6
+
+    # Kill at a random optimizer step (after a checkpoint has been written), then rerun the same command.
+    kill_after = random.Random().randint(1, 5)
+    p = subprocess.Popen([sys.executable, str(ROOT / "train_orpo.py"), *tiny_args(tiny_llama_dir, pairs, out)],
+                         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        ckpts = list((out / "checkpoints").glob("step_*"))
+        if any(int(c.name.split("_")[1]) >= kill_after for c in ckpts):
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "final").exists()
+    # No checkpoint is ever half-written: every step_* directory is complete.
+    for c in (out / "checkpoints").glob("step_*"):
+        assert {f.name for f in c.iterdir()} == {"trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json"}
+
+    r = run_script("train_orpo.py", tiny_args(tiny_llama_dir, pairs, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    got = adapter_tensors(out)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), f"{k} differs after resume (killed after step {kill_after})"
+
+
+def test_microbatch_accumulation_equals_full_batch(tiny_llama_dir):
+    """1 pair x accumulation 4 gives the same update as 4 pairs x 1 (per-example means, so padding does not matter)."""
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.config import RunConfig, load_config
+    from preflexor.data import load_pairs
+    from preflexor.losses import get_loss
+    from preflexor.lora import apply_lora
+    from preflexor.train import fit, setup_runtime
+
+    def one_step(tmp: Path, batch: int, accum: int) -> dict[str, torch.Tensor]:
+        pairs = write_pairs(tmp / "pairs.jsonl", n=8)
+        cfg = load_config(RunConfig, None, tiny_args(tiny_llama_dir, pairs, tmp / "out") + [
+            f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.iterations=1",
+            "train.steps_per_iteration=1", "lora.dropout=0.0", "train.max_grad_norm=0", "data.heldout_pairs=0"])
+        torch.manual_seed(0)
+        model, tok = load_model_and_tokenizer(cfg.model.source)
+        apply_lora(model, cfg.lora.r, cfg.lora.alpha, 0.0, cfg.lora.targets)
+        with torch.no_grad():  # non-zero B so that every adapter matrix gets a gradient
+            for n, p in model.named_parameters():
+                if "lora_b" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+        rt = setup_runtime("cpu", "float32", verbose=False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        fit(model, tok, cfg, rt, get_loss("orpo"), lambda it: load_pairs(pairs), [], tmp / "out")
+        after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(not torch.equal(before[n], after[n]) for n in before)  # every adapter matrix was updated
+        # Adam's first step is nearly lr * sign(grad), so compare the accumulated gradients themselves too
+        grads = {f"grad:{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {**after, **grads}
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        full = one_step(Path(a), batch=4, accum=1)
+        micro = one_step(Path(b), batch=1, accum=4)
+    assert full.keys() == micro.keys()
+    for k in full:
+        torch.testing.assert_close(micro[k], full[k], atol=1e-6, rtol=1e-5 if k.startswith("grad:") else 0)
+
+
+@pytest.mark.slow
+def test_torchrun_gloo_matches_single_process_with_doubled_batch(tmp_path, tiny_llama_dir):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=10)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = ["train.iterations=1", "train.steps_per_iteration=3", "lora.dropout=0.0", "train.save_every=0",
+              "train.eval_generations=0"]
+    r = run_script("train_orpo.py", tiny_args(tiny_llama_dir, pairs, single, "train.batch_size=2", *common))
+    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29500 + random.randint(0, 400)), str(ROOT / "train_orpo.py")]
+    r = subprocess.run([*torchrun, *tiny_args(tiny_llama_dir, pairs, ddp, "train.batch_size=1", "train.device=cpu",
+                                              *common)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = lambda out: [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                         if "loss" in m]
+    a, b = curve(single), curve(ddp)
+    assert len(a) == len(b) == 3
+    assert a[0] != a[-1]  # the curve moves
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-4, (a, b)
+    sa, sb = adapter_tensors(single), adapter_tensors(ddp)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, tiny_llama_dir):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", bad_line=5)
+    cases = [
+        (tiny_args(tiny_llama_dir, pairs, tmp_path / "a"), "pairs.jsonl:5"),
+        (tiny_args(tiny_llama_dir, write_pairs(tmp_path / "ok.jsonl"), tmp_path / "b", "train.lrr=1"),
+         "unknown config key 'train.lrr'"),
+        (tiny_args(tmp_path / "no_such_model", write_pairs(tmp_path / "ok.jsonl"), tmp_path / "c"), "no_such_model"),
+    ]
+    for args, needle in cases:
+        r = run_script("train_orpo.py", args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
