@@ -5,7 +5,8 @@ pairs every iteration with the current model writing the rejected answer (withou
     python train_orpo.py [--config configs/stage1_orpo.yaml] [key=value ...]
     torchrun --nproc_per_node 2 train_orpo.py train.device=cpu ...
 
-Reads top to bottom: config, device, model, data, format check before, training loop, format check after, save.
+Reads top to bottom: config, device, model; then `train.run_stage`: data, format check before, training loop,
+format check after, save.
 Output in `train.out_dir`: config.json, metrics.jsonl, curves.png, checkpoints/, data/, summary.json, and final/
 (the PEFT-format adapter in final/adapter/ and the merged model in HF format: the input of stage 2).
 """
@@ -17,10 +18,9 @@ from pathlib import Path
 from preflexor.checkpoint import load_model_and_tokenizer
 from preflexor.config import RunConfig, load_config, to_dict
 from preflexor.errors import exit_on_user_error
-from preflexor.evaluate import format_rate
 from preflexor.losses import get_loss
 from preflexor.lora import apply_lora, print_trainable, train_new_token_rows
-from preflexor.train import PairSource, finish_run, fit, seed_everything, setup_runtime
+from preflexor.train import run_stage, seed_everything, setup_runtime
 from preflexor.utils import atomic_write_json, git_hash
 
 
@@ -54,20 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     if rt.main:
         print_trainable(model)
 
-    # --- data: a preference JSONL, or the active loop over the corpus ------------------------------------------
-    source = PairSource(cfg, tok, model, rt, out_dir, stage=1)
-    heldout = source.heldout()
-    questions = [r["prompt"] for r in heldout[:cfg.train.eval_generations]]
-
-    # --- thinking-format rate before training -------------------------------------------------------------------
-    n_new = cfg.train.eval_max_new_tokens
-    before = format_rate(model, tok, questions, n_new, cfg.data.system_prompt) if rt.main and questions else None
-
-    # --- training loop ------------------------------------------------------------------------------------------
-    last_eval = fit(model, tok, cfg, rt, spec, source.for_iteration, heldout, out_dir)
-
-    # --- after: format rate, summary, adapter + merged model ----------------------------------------------------
-    return finish_run(model, tok, cfg, rt, out_dir, questions, before, last_eval)
+    # --- data, format rate before, training loop, format rate after, save (preflexor/train.py: run_stage) ----
+    return run_stage(model, tok, cfg, rt, spec, out_dir, stage=1)
 
 
 if __name__ == "__main__":

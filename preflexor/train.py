@@ -555,6 +555,20 @@ class PairSource:
         return self._generate(n, it * n, self.dir / f"iter_{it:03d}.jsonl")
 
 
+def run_stage(model, tok, cfg, rt: Runtime, spec: LossSpec, out_dir: Path, stage: int) -> dict:
+    """What both stages do once the model is built: data (a JSONL or the active loop), the thinking-format rate
+    before, the training loop, the format rate after, and the saved adapter and merged model."""
+    from preflexor.evaluate import format_rate
+
+    source = PairSource(cfg, tok, model, rt, out_dir, stage=stage)
+    heldout = source.heldout()
+    questions = [r["prompt"] for r in heldout[:cfg.train.eval_generations]]
+    n_new = cfg.train.eval_max_new_tokens
+    before = format_rate(model, tok, questions, n_new, cfg.data.system_prompt) if rt.main and questions else None
+    last_eval = fit(model, tok, cfg, rt, spec, source.for_iteration, heldout, out_dir)
+    return finish_run(model, tok, cfg, rt, out_dir, questions, before, last_eval)
+
+
 def finish_run(model, tok, cfg, rt: Runtime, out_dir: Path, questions: list[str], before: dict | None,
                last_eval: dict) -> dict:
     """After training: the thinking-format rate again, `summary.json`, the PEFT adapter in `final/adapter/` and the
