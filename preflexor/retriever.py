@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from preflexor.corpus import Chunk, corpus_fingerprint
 from preflexor.errors import UserError
+from preflexor.utils import atomic_write
 
 RRF_K = 60
 
@@ -317,17 +317,7 @@ class HybridRetriever:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False), binary=True)
 
 
 def dense_embeddings(chunks: Sequence[Chunk], embedder: MiniLMEmbedder,
