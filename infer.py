@@ -8,7 +8,7 @@
     python infer.py --serve --port 8000                                       # OpenAI-compatible server
     python infer.py "..." --config configs/infer.yaml max_new_tokens=128      # YAML + key=value overrides
 
-The model defaults to the newest `runs/stage2*/final`, else `runs/stage1*/final`, else the embedded SmolLM2; the
+The model defaults to the newest `runs/stage2*/final/model`, else `runs/stage1*/final/model`, else the embedded SmolLM2; the
 critic to the base model that run was trained from (followed through the runs' `config.json`), or an http(s)://
 URL of any OpenAI-compatible endpoint. The thinking trigger " Use <|thinking|>." is appended to every question.
 """
@@ -59,10 +59,11 @@ class InferConfig:
 # -- model discovery -----------------------------------------------------------------------------------------------
 
 def newest_run_model(runs_dir: str | Path) -> tuple[str | None, str]:
-    """The newest `<runs>/stage2*/final`, else `<runs>/stage1*/final` (by modification time), and why."""
+    """The newest `<runs>/stage2*/final/model`, else `<runs>/stage1*/final/model` (the merged HF model the training
+    scripts write; by modification time), and why."""
     runs = Path(runs_dir)
     for stage in ("stage2", "stage1"):
-        finals = [p for p in runs.glob(f"{stage}*/final") if (p / "config.json").is_file()]
+        finals = [p for p in runs.glob(f"{stage}*/final/model") if (p / "config.json").is_file()]
         if finals:
             return str(max(finals, key=lambda p: p.stat().st_mtime)), f"newest {stage} run in {runs}/"
     return None, f"no trained run in {runs}/"

@@ -68,14 +68,14 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
 
 
 def make_runs(root: Path, tiny: Path) -> Path:
-    """runs/stage1/final and runs/stage2/final (links to the tiny model); stage 2 trained from stage 1, stage 1
-    from a base model dir (another link to the tiny model)."""
+    """runs/stage{1,2}/final/model as the training scripts lay them out (links to the tiny model); stage 2 trained
+    from stage 1, stage 1 from a base model dir (another link to the tiny model)."""
     base = root / "base_model"
     base.symlink_to(tiny)
-    for stage, source in (("stage1", str(base)), ("stage2", str(root / "runs" / "stage1" / "final"))):
+    for stage, source in (("stage1", str(base)), ("stage2", str(root / "runs" / "stage1" / "final" / "model"))):
         run = root / "runs" / stage
-        run.mkdir(parents=True)
-        (run / "final").symlink_to(tiny)
+        (run / "final").mkdir(parents=True)
+        (run / "final" / "model").symlink_to(tiny)
         (run / "config.json").write_text(json.dumps({"model": {"source": source}, "train": {}}))
     return base
 
@@ -84,15 +84,15 @@ def test_model_and_critic_discovery(tiny_llama_dir, tmp_path):
     assert newest_run_model(tmp_path / "runs") == (None, f"no trained run in {tmp_path / 'runs'}/")
     base = make_runs(tmp_path, tiny_llama_dir)
     path, why = newest_run_model(tmp_path / "runs")
-    assert path == str(tmp_path / "runs" / "stage2" / "final") and why.startswith("newest stage2 run")
+    assert path == str(tmp_path / "runs" / "stage2" / "final" / "model") and why.startswith("newest stage2 run")
     newer = tmp_path / "runs" / "stage2_dpo"
-    (newer / "final").mkdir(parents=True)
-    (newer / "final" / "config.json").write_text("{}")
-    os.utime(newer / "final", (time.time() + 100, time.time() + 100))
-    assert newest_run_model(tmp_path / "runs")[0] == str(newer / "final")
+    (newer / "final" / "model").mkdir(parents=True)
+    (newer / "final" / "model" / "config.json").write_text("{}")
+    os.utime(newer / "final" / "model", (time.time() + 100, time.time() + 100))
+    assert newest_run_model(tmp_path / "runs")[0] == str(newer / "final" / "model")
     # the critic is the model the chain of runs started from, not stage 1
-    assert base_model_of(str(tmp_path / "runs" / "stage2" / "final")) == str(base)
-    assert base_model_of(str(tmp_path / "runs" / "stage1" / "final")) == str(base)
+    assert base_model_of(str(tmp_path / "runs" / "stage2" / "final" / "model")) == str(base)
+    assert base_model_of(str(tmp_path / "runs" / "stage1" / "final" / "model")) == str(base)
     assert base_model_of(str(tiny_llama_dir)) is None
 
 
@@ -100,7 +100,7 @@ def test_recursive_run_prints_headed_rounds(tiny_llama_dir, tmp_path):
     make_runs(tmp_path, tiny_llama_dir)
     r = infer("What makes nacre tough?", "--recursive", 2, "max_new_tokens=5", "temperature=1.0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert f"model: runs/stage2/final (newest stage2 run in runs/)" in r.stderr
+    assert f"model: runs/stage2/final/model (newest stage2 run in runs/)" in r.stderr
     assert f"critic: {tmp_path / 'base_model'} (base model of the run)" in r.stderr
     heads = re.findall(r"^── (.+) ──$", r.stdout, flags=re.M)
     assert heads == ["round 0 · thinking", "round 0 · answer", "round 1 · critique", "round 1 · improved thinking",
