@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 CONFIG ?=
 ARGS   ?=
 
-.PHONY: setup test test-fast smoke data train-stage1 train-stage2 infer bench clean
+.PHONY: setup test test-fast data train-stage1 train-stage2 infer eval clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ train-stage2: setup
 PROMPT ?=
 infer: setup
 	$(PY) infer.py "$(PROMPT)" $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+# Held-out evaluation of a run (reward accuracy/margins, NLL, format rate, F1/ROUGE-L/concept recall): eval.json/.md/.png
+RUN ?= runs/stage1
+eval: setup
+	$(PY) -m preflexor.evaluate $(RUN) $(ARGS)
 
 # Preference pairs from the embedded corpus with the grounded teacher (N pairs, resumable)
 N ?= 64
