@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 CONFIG ?=
 ARGS   ?=
 
-.PHONY: setup test test-fast data train-stage1 train-stage2 infer eval clean
+.PHONY: setup test test-fast data train-stage1 train-stage2 infer eval ablations clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ infer: setup
 RUN ?= runs/stage1
 eval: setup
 	$(PY) -m preflexor.evaluate $(RUN) $(ARGS)
+
+# Ablation grid, resumable (GRID=reduced: ~45 min on 2 CPU cores | full: ~51 h) -> runs/ablations/$(GRID)/, results/
+GRID ?= reduced
+ablations: setup
+	$(PY) -m preflexor.ablations --grid configs/ablations/$(GRID).yaml $(ARGS)
 
 # Preference pairs from the embedded corpus with the grounded teacher (N pairs, resumable)
 N ?= 64

@@ -1,0 +1,195 @@
+"""The ablation runner: grid parsing and its errors, a 2-cell micro grid run for real (cells run, a finished cell is
+skipped on rerun, the report regenerates), the recursion sweep against a direct `recursive_thinking` call, and the
+cost bookkeeping (phases from file times, the linear full-grid estimate)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from preflexor.ablations import (ROOT, estimate_cost, load_grid, main, recursion_sweep, run_dir, seed_overrides,
+                                 training_phases)
+from preflexor.errors import UserError
+
+THINK = "<|thinking|>\n**Reasoning Steps**:\n\n{a} relates to {b}.\n\n<|/thinking|>\n{A} is a kind of {b}."
+
+
+def write_pairs(path: Path, n: int = 6) -> Path:
+    words = ["bone", "collagen", "enamel", "keratin", "tendon", "cartilage", "dentin"]
+    lines = []
+    for i in range(n):
+        a, b = words[i % 7], words[(i + 2) % 7]
+        lines.append(json.dumps({"prompt": f"What is {a}, and how does it relate to {b}? Use <|thinking|>.",
+                                 "chosen": THINK.format(a=a, b=b, A=a.capitalize()),
+                                 "rejected": f"{a.capitalize()} is unrelated to {b}.",
+                                 "meta": {"index": i, "question": f"What is {a}, and how does it relate to {b}?",
+                                          "answer": f"{a.capitalize()} is a kind of {b}."}}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_grid(tmp_path: Path, model: Path, pairs: Path, cells: str, extra: str = "") -> Path:
+    tiny = (f"[model.source={model}, data.pairs={pairs}, data.heldout_pairs=2, train.iterations=1, "
+            "train.steps_per_iteration=2, train.batch_size=1, train.grad_accum=1, train.eval_generations=0, lora.r=4, "
+            "lora.alpha=8, data.max_length=96, data.max_prompt_len=48]")
+    g = tmp_path / "micro.yaml"
+    g.write_text(f"""name: micro
+threads: 1
+base_model: {model}
+stage1: {{config: configs/stage1_orpo.yaml, overrides: {tiny}}}
+eval: {{n_questions: 2, max_new_tokens: 4, eval_set: {{file: {pairs}}}}}
+{extra}
+cells:
+{cells}
+""")
+    return g
+
+
+def test_grid_files_parse_and_bad_grids_name_the_file(tmp_path):
+    reduced = load_grid(ROOT / "configs/ablations/reduced.yaml")
+    full = load_grid(ROOT / "configs/ablations/full.yaml")
+    for g in (reduced, full):
+        kinds = {c.kind for c in g.cells}
+        assert kinds == {"base", "stage1", "stage2", "recursion"}
+        rec = [c for c in g.cells if c.kind == "recursion"]
+        assert sorted((c.depth, c.integrate) for c in rec) == [(d, i) for d in (1, 2, 3) for i in (False, True)]
+        assert all(g.cell(c.source).kind == "stage1" for c in g.cells if c.kind == "stage2")
+    # the full grid covers every value of every knob of the issue
+    ov = " ".join(o for c in full.cells for o in c.overrides)
+    for v in ("loss.mask=random_fraction", "loss.mask_fraction=0.2", "loss.mask=none", "loss.name=sigmoid",
+              "loss.name=ipo", "data.rejected_source=teacher_incorrect", "data.retrieval=dense",
+              "data.retrieval=hybrid", "data.retrieval=none"):
+        assert v in ov, v
+    assert all(len(c.seeds) == 3 for c in full.cells if c.kind != "base") and not full.share_stage1
+    assert seed_overrides("stage1", 1) == ["train.seed=1001", "data.seed=10"]
+    assert seed_overrides("stage2", 1) == ["train.seed=2001", "data.seed=11"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cells:\n  - {name: s2, kind: stage2, from: nowhere}\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: cells\[0\]: 'from' must name an earlier cell"):
+        load_grid(bad)
+    bad.write_text("cells: []\nsteps: 3\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: unknown key 'steps'"):
+        load_grid(bad)
+    bad.write_text("cells:\n  - {name: 'a b', kind: stage1}\n")
+    with pytest.raises(UserError, match="may only use"):
+        load_grid(bad)
+    bad.write_text("cells:\n  - {name: a, kind: stage3}\n")
+    with pytest.raises(UserError, match="kind 'stage3'"):
+        load_grid(bad)
+
+
+@pytest.mark.slow
+def test_micro_grid_runs_resumes_and_regenerates_the_report(tmp_path, tiny_llama_dir, capsys):
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    grid = write_grid(tmp_path, tiny_llama_dir, pairs, "  - {name: base, kind: base, axes: [stage]}\n"
+                                                       "  - {name: s1, kind: stage1, axes: [stage]}")
+    out, report = tmp_path / "out", tmp_path / "results" / "ablations.md"
+    args = ["--grid", str(grid), "--out", str(out), "--report", str(report)]
+    status = main(args)
+    assert status == {"base": ["ran"], "s1": ["ran"]}
+    g = load_grid(grid)
+    for c in g.cells:
+        d = run_dir(out, c, 0)
+        ev = json.loads((d / "eval.json").read_text())
+        assert 0.0 <= ev["metrics"]["reward_accuracy"] <= 1.0 and ev["n_questions"] == 2
+        cost = json.loads((d / "cost.json").read_text())
+        assert cost["eval_s"] > 0 and "preflexor.evaluate" in cost["eval_command"]
+    assert json.loads((run_dir(out, g.cell("s1"), 0) / "cost.json").read_text())["train_s"] > 0
+    text = report.read_text()
+    s1 = json.loads((run_dir(out, g.cell("s1"), 0) / "eval.json").read_text())["metrics"]
+    row = next(line for line in text.splitlines() if line.startswith("| `s1`"))
+    assert f"{s1['nll_chosen']:.3f}" in row and f"--only s1`" in row  # the number and the command next to it
+    assert "machine:" in text and "torch" in text and "OMP_NUM_THREADS=1" in text
+    assert (report.parent / "ablations.png").is_file()
+
+    # rerun: every cell is finished, nothing runs again, and the report is written anew
+    stamp = {c.name: (run_dir(out, c, 0) / "eval.json").stat().st_mtime_ns for c in g.cells}
+    report.unlink()
+    assert main(args) == {"base": ["done"], "s1": ["done"]}
+    assert {c.name: (run_dir(out, c, 0) / "eval.json").stat().st_mtime_ns for c in g.cells} == stamp
+    assert report.read_text().splitlines()[10:] == text.splitlines()[10:]  # same table (header has the command)
+
+    # a changed config makes the finished cell stale: not rerun, but flagged in the log and the report
+    grid.write_text(grid.read_text().replace("lora.r=4", "lora.r=2"))
+    capsys.readouterr()
+    assert main(args) == {"base": ["done"], "s1": ["done"]}
+    assert "s1 seed 0: finished but STALE, its config changed since (lora.r)" in capsys.readouterr().out
+    rows = {line.split(" |")[0]: line for line in report.read_text().splitlines() if line.startswith("| `")}
+    assert "**stale**" in rows["| `s1` **stale**"] and "**stale**" not in rows["| `base`"]
+
+    # --only with a cell that does not exist: one clear error line, exit code 2
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--only", "nope"])
+    assert e.value.code == 2 and "--only nope: no such cell" in capsys.readouterr().err
+
+
+def test_recursion_sweep_matches_recursive_thinking(tmp_path, tiny_llama_dir):
+    """Greedy decoding: the sweep's N-round answers (with and without the integration) are exactly those of a direct
+    `recursive_thinking` call, and both variants of one N come from a single run."""
+    import torch
+
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.reasoning import ModelGenerator, recursive_thinking
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    shutil.copytree(tiny_llama_dir, run / "final" / "model")
+    (run / "config.json").write_text(json.dumps({"data": {"corpus": "ontology"}, "loss": {"name": "exo_pair"}}))
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
+    res = recursion_sweep(run, pairs, n_questions=1, max_new_tokens=5, critic=str(tiny_llama_dir), depths=[1, 2],
+                          integrate=[False, True], out_dir=tmp_path / "sweep")
+    assert set(res["variants"]) == {"N1", "N1+int", "N2", "N2+int"}
+    assert [res["variants"][k]["metrics"]["calls_per_question"] for k in ("N1", "N2")] == [1, 4]  # 1 + 3 (N - 1)
+    assert (tmp_path / "sweep" / "recursion.json").is_file() and (tmp_path / "sweep" / "recursion.md").is_file()
+
+    model, tok = load_model_and_tokenizer(run / "final" / "model", dtype=torch.float32)
+    cm, ct = load_model_and_tokenizer(tiny_llama_dir, dtype=torch.float32, add_reasoning_tokens=False)
+    q = "What is bone, and how does it relate to enamel?"
+    for integ in (False, True):
+        direct = recursive_thinking(q, ModelGenerator(model.eval(), tok, None, None), ModelGenerator(cm.eval(), ct,
+                                    None, None), n_rounds=2, integrate=integ, temperature=0.0, critic_temperature=0.0,
+                                    max_new_tokens=5)
+        sample = res["variants"]["N2+int" if integ else "N2"]["samples"][0]
+        assert sample["answer"] == " ".join(direct.final_answer.split())
+        assert sample["rounds"] == direct.answers and sample["calls"] == direct.n_calls
+
+
+def test_training_phases_and_the_cost_estimate(tmp_path):
+    # phases from file modification times
+    d = tmp_path / "r"
+    (d / "data").mkdir(parents=True)
+    (d / "checkpoints" / "step_4").mkdir(parents=True)
+    times = {"config.json": 100, "data/heldout.jsonl": 130, "data/iter_000.jsonl": 190, "checkpoints/step_4": 490,
+             "summary.json": 520}
+    for name, t in times.items():
+        p = d / name
+        if not p.exists():
+            p.write_text("{}")
+        os.utime(p, (t, t))
+    assert training_phases(d) == {"setup_s": 30.0, "gen_s": 60.0, "train_s": 300.0, "finish_s": 30.0}
+
+    # a measured grid of one stage-1 cell, and a bigger grid estimated from it
+    cfgs = "stage1: {config: configs/stage1_orpo.yaml, overrides: [%s]}\n"
+    small = tmp_path / "small.yaml"
+    small.write_text((cfgs % "train.iterations=1, train.steps_per_iteration=4, train.batch_size=1, "
+                      "train.grad_accum=1, data.pairs_per_iteration=4, data.heldout_pairs=2, sample.max_new_tokens=50")
+                     + "eval: {n_questions: 2, max_new_tokens: 10}\ncells:\n  - {name: s1, kind: stage1}\n")
+    big = tmp_path / "big.yaml"
+    big.write_text((cfgs % "train.iterations=2, train.steps_per_iteration=8, train.batch_size=2, "
+                    "train.grad_accum=1, data.pairs_per_iteration=8, data.heldout_pairs=4, sample.max_new_tokens=100")
+                   + "seeds: [0, 1]\neval: {n_questions: 4, max_new_tokens: 20}\n"
+                   + "cells:\n  - {name: s1, kind: stage1}\n")
+    out = tmp_path / "out"
+    m = run_dir(out, load_grid(small).cell("s1"), 0)
+    m.mkdir(parents=True)
+    (m / "cost.json").write_text(json.dumps({"train_s": 420, "eval_s": 40, "phases": training_phases(d)}))
+    est = estimate_cost(load_grid(big), load_grid(small), out)
+    # setup x (4*100)/(2*50) = 4, generation x (2*8*100)/(4*50) = 8, training x (2*8*2)/(4) = 8, finish x 1,
+    # evaluation x (4*20)/(2*10) = 4; two seeds
+    per_seed = 30 * 4 + 60 * 8 + 300 * 8 + 30 + 40 * 4
+    assert est["total_s"] == pytest.approx(2 * per_seed)
+    assert est["missing_rates"] == []
