@@ -98,25 +98,33 @@ def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
 
 
 # -- model steps ---------------------------------------------------------------------------------------------------
-def _head(model, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, model.head_weight(), model.head_bias()).float()
+def head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection (weight [V, H], bias) as plain tensors, built once per generation: with trainable
+    new-token rows or a head LoRA, `head_weight()` assembles a fresh [V, H] matrix on every call."""
+    return model.head_weight(), model.head_bias()
 
 
-def prefill(model, tokens: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+def _head(model, hidden: torch.Tensor, head: tuple | None = None) -> torch.Tensor:
+    w, b = head if head is not None else head_params(model)
+    return F.linear(hidden, w, b).float()
+
+
+def prefill(model, tokens: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
+            head: tuple | None = None) -> torch.Tensor:
     """Run the (B, L) left-padded prompts through the model, filling cache slots 0..L-1, and return the float32
     logits (B, V) of the last position only (the head is applied to one position, not L)."""
     L = tokens.size(1)
     input_pos = torch.arange(L, device=tokens.device)
     hidden = model(tokens, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask, return_hidden=True)
-    return _head(model, hidden[:, -1])  # (B, V)
+    return _head(model, hidden[:, -1], head)  # (B, V)
 
 
 def decode_one_token(model, tokens: torch.Tensor, slot: torch.Tensor, position_ids: torch.Tensor,
-                     attn_mask: torch.Tensor) -> torch.Tensor:
+                     attn_mask: torch.Tensor, head: tuple | None = None) -> torch.Tensor:
     """One step: tokens (R, 1) written at cache `slot` (1,), RoPE positions (R, 1), mask (R, 1, 1, S) -> float32
-    logits (R, V)."""
+    logits (R, V). `head` = `head_params(model)`, computed once per generation."""
     hidden = model(tokens, input_pos=slot, position_ids=position_ids, attn_mask=attn_mask, return_hidden=True)
-    return _head(model, hidden[:, -1])
+    return _head(model, hidden[:, -1], head)
 
 
 def _prefill_mask(pad: torch.Tensor, L: int, S: int) -> torch.Tensor:
@@ -262,7 +270,8 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
     tokens_out: list[list[int]] = [[] for _ in range(B * N)]
     reasons: list[str | None] = [None] * (B * N)
     with _fresh_cache(model, B, S):
-        logits = prefill(model, padded, positions, _prefill_mask(pad, L, S))  # (B, V)
+        head = head_params(model)
+        logits = prefill(model, padded, positions, _prefill_mask(pad, L, S), head)  # (B, V)
         if N > 1:  # N samples per prompt from the one prefill: copy cache rows, not recompute
             _select_cache_rows(model, torch.arange(B, device=device).repeat_interleave(N))  # (B*N,) rows
             logits = logits.repeat_interleave(N, dim=0)  # (B*N, V)
@@ -304,7 +313,7 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
                 gens = [gens[i] for i in keep] if gens is not None else None
             slot = L + step
             step_mask[..., slot] = True
-            logits = step_fn(model, tok[:, None], slots[slot:slot + 1], pos, step_mask)
+            logits = step_fn(model, tok[:, None], slots[slot:slot + 1], pos, step_mask, head)
             pos = pos + 1
             step += 1
         if bar is not None:
