@@ -1,9 +1,14 @@
 """Benchmark the preference-loss head (LM head -> per-token log-probs -> ORPO / DPO loss), forward + backward.
 
 Methods, all feeding the same `preflexor.losses` functions:
-  eager  logits = hidden @ W.T materialised, log_softmax, gather (logprobs.token_logps_reference)
-  ours   logprobs.token_logps, chunked over tokens, never holding [N, V] logits
-  liger  Liger-Kernel's LigerFusedLinearORPOLoss / LigerFusedLinearDPOLoss (compiled=False on CPU, True on CUDA)
+  eager       logits = hidden @ W.T materialised, log_softmax, gather (logprobs.token_logps_reference)
+  ours        logprobs.token_logps, chunked over tokens, never holding [N, V] logits
+  ours_dense  (--head rows only) token_logps on the index_put head with full autograd: stage 1 before the rows path
+  liger       Liger-Kernel's LigerFusedLinearORPOLoss / LigerFusedLinearDPOLoss (compiled=False on CPU, True on CUDA)
+Heads (--head): frozen = W constant (LoRA); full = W trains; rows = only K=4 rows of W train (stage 1's new
+reasoning tokens, appended at the end of the vocabulary): eager and ours_dense build the head by index_put each step
+and backpropagate through it, ours passes the constant head plus the rows (`token_logps(rows=, row_weight=)`),
+and Liger, which has no notion of trainable rows, trains the full W (`liger_head` in the output says so).
 Shapes: small = SmolLM2-135M head (N=2048 tokens, H=576, V=49152), large = Llama-3.2-3B head (N=4096, H=3072,
 V=128256); N tokens = 2 pairs x 2 sequences x T, the first quarter of every row a masked prompt. DPO adds a
 reference forward (no grad) through the same head on separate hidden states.
@@ -15,7 +20,7 @@ torch.cuda.max_memory_allocated over the allocated baseline. CPU runs float32, C
 Prints one JSON line per configuration: per method the median wall seconds `s`, median process CPU seconds `cpu_s`
 (steadier than wall time on a shared machine) and median peak MiB; ratios ours/eager and ours/liger.
 
-    python bench/bench_loss_head.py --sizes small --repeats 3 [--weight-grad]
+    python bench/bench_loss_head.py --sizes small --repeats 3 [--head frozen|rows|full]
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ SIZES = {"small": dict(N=2048, H=576, V=49152), "large": dict(N=4096, H=3072, V=
 PAIRS = 2
 IGNORE = -100
 BETA = 0.1
+K_ROWS = 4  # trained rows in --head rows: <|thinking|>, <|/thinking|>, <|reflect|>, <|/reflect|>
 
 
 def _status_mib(key: str) -> float:
@@ -49,21 +55,39 @@ def _status_mib(key: str) -> float:
         return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
 
 
-def _inputs(N, H, V, device, dtype, weight_grad):
+def _inputs(N, H, V, device, dtype, head, method):
+    """hidden [2B, T, H] (chosen rows first), reference hidden, head weight [V, H], targets [2B, T], and for the
+    rows head the row ids [K] and their trainable values [K, H] (None otherwise)."""
     g = torch.Generator().manual_seed(0)
     T = N // (2 * PAIRS)
     hidden = torch.randn(2 * PAIRS, T, H, generator=g).to(device, dtype).requires_grad_()  # [2B, T, H], chosen first
     ref_hidden = torch.randn(2 * PAIRS, T, H, generator=g).to(device, dtype)
+    weight_grad = head == "full" or (head == "rows" and method == "liger")
     weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dtype).requires_grad_(weight_grad)  # [V, H]
     target = torch.randint(0, V, (2 * PAIRS, T), generator=g)
     target[:, : T // 4] = IGNORE  # prompt tokens
-    return hidden, ref_hidden, weight, target.to(device)
+    rows = row_weight = None
+    if head == "rows":
+        cols = torch.arange(T // 4, T, T // 8)  # a few response positions predict a new token, as thinking tags do
+        target[:, cols] = V - K_ROWS + torch.arange(len(cols)) % K_ROWS
+        if method != "liger":
+            rows = torch.arange(V - K_ROWS, V, device=device)
+            row_weight = weight.detach()[rows].clone().requires_grad_()  # [K, H]
+    return hidden, ref_hidden, weight, target.to(device), rows, row_weight
 
 
-def _step_ours_or_eager(method, loss, hidden, ref_hidden, weight, target):
-    logps_fn = token_logps if method == "ours" else token_logps_reference
+def _step_ours_or_eager(method, loss, hidden, ref_hidden, weight, target, rows, row_weight):
     mask = target != IGNORE
-    tok = logps_fn(hidden, weight, target)  # [2B, T]
+    if rows is None:
+        head, extra = weight, {}
+    elif method == "ours":  # constant head holding the rows (what Transformer.head_parts returns) + the rows
+        with torch.no_grad():
+            head = weight.index_put((rows,), row_weight)
+        extra = {"rows": rows, "row_weight": row_weight}
+    else:  # the rows written into the head with autograd through index_put (LoRAEmbedding.rows_weight)
+        head, extra = weight.index_put((rows,), row_weight), {}
+    logps_fn = token_logps_reference if method == "eager" else token_logps
+    tok = logps_fn(hidden, head, target, **extra)  # [2B, T]
     if loss == "orpo":
         chosen, rejected = sequence_logps(tok, mask, average=True).chunk(2)
         # Liger's NLL convention (one token mean over all chosen rows), spread over pairs so the mean matches it
@@ -72,7 +96,7 @@ def _step_ours_or_eager(method, loss, hidden, ref_hidden, weight, target):
     else:
         chosen, rejected = sequence_logps(tok, mask, average=False).chunk(2)
         with torch.no_grad():
-            ref_tok = logps_fn(ref_hidden, weight, target)
+            ref_tok = logps_fn(ref_hidden, head, target)
             ref_chosen, ref_rejected = sequence_logps(ref_tok, mask, average=False).chunk(2)
         losses, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=BETA)
     losses.mean().backward()
@@ -83,16 +107,16 @@ def _make_liger(loss, compiled):
 
     if loss == "orpo":
         fn = LigerFusedLinearORPOLoss(ignore_index=IGNORE, beta=BETA, compiled=compiled)
-        return lambda hidden, ref_hidden, weight, target: fn(weight, hidden, target)[0].backward()
+        return lambda hidden, ref_hidden, weight, target, *_: fn(weight, hidden, target)[0].backward()
     fn = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=BETA, compiled=compiled, use_ref_model=True)
-    return lambda hidden, ref_hidden, weight, target: fn(weight, hidden, target, ref_input=ref_hidden,
-                                                         ref_weight=weight.detach())[0].backward()
+    return lambda hidden, ref_hidden, weight, target, *_: fn(weight, hidden, target, ref_input=ref_hidden,
+                                                             ref_weight=weight.detach())[0].backward()
 
 
 def worker(args) -> dict:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    tensors = _inputs(**SIZES[args.size], device=device, dtype=dtype, weight_grad=args.weight_grad)
+    tensors = _inputs(**SIZES[args.size], device=device, dtype=dtype, head=args.head, method=args.method)
     if args.method == "liger":
         step = _make_liger(args.loss, compiled=cuda)
     else:
@@ -100,8 +124,9 @@ def worker(args) -> dict:
             _step_ours_or_eager(args.method, args.loss, *xs)
     times, cpu_times, peaks = [], [], []
     for i in range(args.warmup + args.repeats):
-        hidden, weight = tensors[0], tensors[2]
-        hidden.grad = weight.grad = None
+        for t in (tensors[0], tensors[2], tensors[5]):  # hidden, weight, row_weight
+            if t is not None:
+                t.grad = None
         gc.collect()
         if cuda:
             torch.cuda.synchronize()
@@ -128,14 +153,15 @@ def worker(args) -> dict:
 
 
 def run_config(size, loss, args) -> dict:
-    result = {"size": size, "loss": loss, **SIZES[size], "pairs": PAIRS, "weight_grad": args.weight_grad,
-              "repeats": args.repeats}
+    result = {"size": size, "loss": loss, **SIZES[size], "pairs": PAIRS, "head": args.head,
+              "weight_grad": args.head == "full", "repeats": args.repeats}
+    if args.head == "rows":
+        result.update(rows=K_ROWS, liger_head="full (Liger has no trainable-rows option)")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--worker", "--size", size, "--loss", loss, "--method", method,
-               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device]
-        if args.weight_grad:
-            cmd.append("--weight-grad")
+               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device,
+               "--head", args.head]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             result[method] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -143,7 +169,7 @@ def run_config(size, loss, args) -> dict:
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         result.update(device=out.pop("device"), dtype=out.pop("dtype"), threads=out.pop("threads"))
         result[method] = out
-    for other in ("eager", "liger"):
+    for other in ("eager", "liger", "ours_dense"):
         if "s" in result.get("ours", {}) and "s" in result.get(other, {}):
             result[f"time_ours/{other}"] = round(result["ours"]["s"] / result[other]["s"], 3)
             result[f"cpu_time_ours/{other}"] = round(result["ours"]["cpu_s"] / result[other]["cpu_s"], 3)
@@ -155,16 +181,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", choices=["small", "large", "all"], default="small")
     p.add_argument("--losses", default="orpo,dpo")
-    p.add_argument("--methods", default="eager,ours,liger")
+    p.add_argument("--methods", help="comma list of eager,ours,ours_dense,liger (default: eager,ours,liger, "
+                   "plus ours_dense with --head rows)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--weight-grad", action="store_true", help="also train the head weight (default: frozen, as LoRA)")
+    p.add_argument("--head", choices=["frozen", "rows", "full"], default="frozen",
+                   help="what of the head trains: nothing (LoRA, default), K=4 new-token rows (stage 1), all of W")
+    p.add_argument("--weight-grad", action="store_true", help="same as --head full (kept for older commands)")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--loss", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.weight_grad:
+        if args.head not in ("frozen", "full"):
+            p.error("--weight-grad means --head full")
+        args.head = "full"
+    if args.methods is None:
+        args.methods = "eager,ours,liger" + (",ours_dense" if args.head == "rows" else "")
+    unknown = set(args.methods.split(",")) - {"eager", "ours", "ours_dense", "liger"}
+    if unknown:
+        p.error(f"--methods: unknown {sorted(unknown)}")
     if args.worker:
         print(json.dumps(worker(args)))
         return

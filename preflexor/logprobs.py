@@ -8,6 +8,10 @@ recomputes each chunk's logits and turns them in place into d logp / d logits = 
 inputs and their gradients, peak memory is one [chunk, V] block. `token_logps_reference` is the plain path the
 tests hold it to.
 
+A head whose only trainable part is a few rows (stage 1 trains the rows of the new thinking tokens, `lora.py`) is
+passed as a constant W plus `rows`/`row_weight`: the forward keeps the [N, K] columns of (onehot - softmax) at those
+rows, and their [K, H] gradient is one small product in the backward, with no [V, H] gradient anywhere.
+
 Labels are not shifted here: `labels[i]` is the token predicted from `hidden[i]` (the caller shifts once).
 """
 from __future__ import annotations
@@ -92,32 +96,43 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     When only `hidden` needs a gradient (a frozen head, as under LoRA), the forward also stores
     (onehot - softmax) @ W per token ([N, H]): d logp_i / d h_i does not depend on the upstream gradient except
     through the row scale grad_out[i], so the backward is one multiply and no logits are recomputed.
+    With `rows` [K] and their trainable values `row_weight` [K, H] (W constant, already holding those values),
+    d logp_i / d W[rows] = (onehot - softmax)_i[rows] outer h_i: the forward keeps those K columns ([N, K]) and the
+    backward forms sum_i grad_out[i] * (...) as a [K, N] x [N, H] product, chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, use_triton, precompute_grad_hidden):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, use_triton, precompute_grad_hidden,
+                rows=None, row_weight=None):
         N = hidden.shape[0]
         w = weight.to(hidden.dtype)  # the matmul runs in the activations' dtype (bf16 under autocast-style use)
         lse = torch.empty(N, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
         out = torch.empty_like(lse)
+        unit = precompute_grad_hidden or rows is not None  # form onehot - softmax in the forward
         grad_hidden_unit = torch.empty_like(hidden) if precompute_grad_hidden else None
+        grad_rows_unit = None if rows is None else torch.empty(N, rows.shape[0], dtype=lse.dtype, device=lse.device)
         for s in range(0, N, chunk_size):
             h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
             logits = h @ w.t()  # [n, V]
             if use_triton:
                 lse_c, logp_c = kernels.lse_and_logp(logits, y, ignore_index)
                 g = None
-                if precompute_grad_hidden:
+                if unit:
                     g = kernels.softmax_grad_(logits, y, lse_c, torch.ones_like(lse_c), ignore_index)
             else:
-                lse_c, logp_c, g = _lse_logp_(logits, y, ignore_index, unit_grad=precompute_grad_hidden)
+                lse_c, logp_c, g = _lse_logp_(logits, y, ignore_index, unit_grad=unit)
             lse[s:s + chunk_size], out[s:s + chunk_size] = lse_c, logp_c
+            if rows is not None:
+                grad_rows_unit[s:s + chunk_size] = g[:, rows]  # [n, K] columns of the trained rows
             if precompute_grad_hidden:
                 torch.mm(g.to(w.dtype), w, out=grad_hidden_unit[s:s + chunk_size])
             del logits, g  # free this [n, V] block before the next chunk's matmul allocates one
         ctx.ignore_index, ctx.chunk_size, ctx.use_triton = ignore_index, chunk_size, use_triton
-        ctx.precomputed = precompute_grad_hidden
-        if precompute_grad_hidden:
+        ctx.precomputed, ctx.has_rows = precompute_grad_hidden, rows is not None
+        if rows is not None:
+            ctx.row_dtype = row_weight.dtype
+            ctx.save_for_backward(grad_hidden_unit, grad_rows_unit, hidden)
+        elif precompute_grad_hidden:
             ctx.save_for_backward(grad_hidden_unit)
         else:
             ctx.save_for_backward(hidden, weight, labels, lse)
@@ -126,9 +141,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        if ctx.has_rows:
+            return _ChunkedTokenLogps._backward_rows(ctx, grad_out)
         if ctx.precomputed:
             (grad_hidden_unit,) = ctx.saved_tensors
-            return grad_hidden_unit * grad_out[:, None].to(grad_hidden_unit.dtype), None, None, None, None, None, None
+            grad_hidden = grad_hidden_unit * grad_out[:, None].to(grad_hidden_unit.dtype)
+            return grad_hidden, None, None, None, None, None, None, None, None
         hidden, weight, labels, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(hidden.dtype)
@@ -151,7 +169,24 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             del g  # free this [n, V] block before the next chunk's matmul allocates one
         if need_w:
             grad_w = grad_w.to(weight.dtype)
-        return grad_hidden, grad_w, None, None, None, None, None
+        return grad_hidden, grad_w, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _backward_rows(ctx, grad_out):
+        """Hidden gradient from the stored unit gradient (None when hidden is constant); row gradient
+        sum_i grad_out[i] * G[i, rows] outer h_i, accumulated in float32 (float64 for float64 inputs)."""
+        grad_hidden_unit, grad_rows_unit, hidden = ctx.saved_tensors
+        grad_hidden = grad_rows = None
+        if grad_hidden_unit is not None:
+            grad_hidden = grad_hidden_unit * grad_out[:, None].to(grad_hidden_unit.dtype)
+        if ctx.needs_input_grad[8]:
+            scaled = grad_rows_unit * grad_out[:, None].to(grad_rows_unit.dtype)  # [N, K]
+            grad_rows = torch.zeros(scaled.shape[1], hidden.shape[1], dtype=scaled.dtype, device=scaled.device)
+            c = ctx.chunk_size
+            for s in range(0, hidden.shape[0], c):  # [K, n] x [n, H]; a float32 copy of one hidden chunk at most
+                grad_rows.addmm_(scaled[s:s + c].t(), hidden[s:s + c].to(scaled.dtype))
+            grad_rows = grad_rows.to(ctx.row_dtype)
+        return grad_hidden, None, None, None, None, None, None, None, grad_rows
 
 
 def _chunk_grad(logits, labels, lse, scale, ignore_index, use_triton):
@@ -162,7 +197,8 @@ def _chunk_grad(logits, labels, lse, scale, ignore_index, use_triton):
 
 
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                chunk_size: int | None = None, impl: str | None = None) -> torch.Tensor:
+                chunk_size: int | None = None, impl: str | None = None, rows: torch.Tensor | None = None,
+                row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Log-prob of each label under softmax(hidden @ weight.T), 0.0 where labels == ignore_index.
 
     Args:
@@ -172,6 +208,10 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         chunk_size: tokens per chunk; None picks `default_chunk_size` (a quarter of the tokens, 256 to 512 MiB).
         impl: "torch" (chunked PyTorch, any device), "triton" (kernels.py; CUDA, or CPU under TRITON_INTERPRET=1),
             "auto" = triton on CUDA when installed, else torch. Default: $PREFLEXOR_LOGPROBS_IMPL or "auto".
+        rows, row_weight: a head whose only trainable part is rows `rows` ([K] distinct token ids) with values
+            `row_weight` [K, H] (e.g. `Transformer.head_parts()`). `weight` is then a constant that already holds
+            those values; the result and the gradients of hidden and row_weight equal those of
+            `weight.index_put((rows,), row_weight)` as the head, but take the frozen-head path plus a [K, H] product.
     Returns:
         tensor of labels' shape, float32 (float64 for float64 inputs, which gradcheck uses).
     """
@@ -183,6 +223,10 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
                          f"{tuple(hidden.shape[:-1])}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"token_logps: chunk_size must be >= 1, got {chunk_size}")
+    if (rows is None) != (row_weight is None):
+        raise ValueError("token_logps: rows and row_weight go together (both or neither)")
+    if rows is not None:
+        rows = _check_rows(weight, rows, row_weight)
     use_triton = _resolve_impl(impl, hidden.device) == "triton"
     # an out-of-range label would make the Triton kernels read out of bounds silently; check once, up front
     if bool(((labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))).any()):
@@ -190,10 +234,40 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # [N, H]
     y = labels.reshape(-1).long()  # [N]
     chunk = chunk_size or default_chunk_size(h2.shape[0], weight.shape[0])
-    grad_on = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    row_grad = rows is not None and torch.is_grad_enabled() and row_weight.requires_grad
+    grad_on = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or row_grad)
     precompute = grad_on and hidden.requires_grad and not weight.requires_grad
-    out = _ChunkedTokenLogps.apply(h2, weight, y, ignore_index, chunk, use_triton, precompute)
+    if not row_grad:  # constant rows: `weight` already holds them, the plain path is exact
+        rows = row_weight = None
+    out = _ChunkedTokenLogps.apply(h2, weight, y, ignore_index, chunk, use_triton, precompute, rows, row_weight)
     return out.view(labels.shape)
+
+
+def _check_rows(weight: torch.Tensor, rows: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """Validate the rows decomposition; returns rows as int64. `weight` must be constant and hold the rows' values,
+    else its hidden gradient (which includes the rows) and the logits would use stale rows silently."""
+    V, H = weight.shape
+    if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+        raise ValueError(f"token_logps: rows must be a 1-D integer tensor of token ids, got {rows.dtype} "
+                         f"{tuple(rows.shape)}")
+    if row_weight.dim() != 2 or tuple(row_weight.shape) != (rows.shape[0], H) or not row_weight.is_floating_point():
+        raise ValueError(f"token_logps: row_weight {row_weight.dtype} {tuple(row_weight.shape)} must be a floating "
+                         f"[K, H] = [{rows.shape[0]}, {H}] tensor (one row per id in rows)")
+    if rows.device != weight.device or row_weight.device != weight.device:
+        raise ValueError(f"token_logps: weight ({weight.device}), rows ({rows.device}) and row_weight "
+                         f"({row_weight.device}) must be on one device")
+    if weight.requires_grad:
+        raise ValueError("token_logps: with rows, weight is a constant (pass weight.detach(); its trainable part "
+                         "is row_weight)")
+    rows = rows.long()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= V):
+        raise ValueError(f"token_logps: rows must be token ids in [0, {V}), got {rows.tolist()}")
+    if torch.unique(rows).numel() != rows.numel():
+        raise ValueError(f"token_logps: rows must be distinct, got {rows.tolist()}")
+    if not torch.equal(weight[rows], row_weight.detach().to(weight.dtype)):
+        raise ValueError("token_logps: weight[rows] differs from row_weight (weight must already hold the rows' "
+                         "current values, e.g. rows_weight().detach())")
+    return rows
 
 
 def token_logps_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

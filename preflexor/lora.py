@@ -75,6 +75,17 @@ class _Adapted(nn.Module):
             return self.weight
         return self.weight.index_put((self.row_ids,), self.new_rows.to(self.weight.dtype))
 
+    def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This matrix as the LM head, split for `logprobs.token_logps`: (constant `rows_weight()`, `row_ids`,
+        `new_rows`) when the trainable rows are its only trainable part (no active head LoRA, frozen base), else
+        (`effective_weight()`, None, None). The split trains the rows without forming a [V, H] gradient."""
+        if (self.new_rows is None or self.merged or not self.new_rows.requires_grad or self.weight.requires_grad
+                or self._head_lora_active()):
+            return self.effective_weight(), None, None
+        with torch.no_grad():
+            weight = self.rows_weight()  # a [V, H] copy, as effective_weight() makes; the base stays untouched
+        return weight, self.row_ids, self.new_rows
+
 
 def _lora_pair(r: int, fan_in: int, fan_out: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
     """A [r, in] Kaiming-uniform(a=sqrt(5)) (nn.Linear's init, as in LoRA and PEFT) and B [out, r] zero."""
@@ -116,6 +127,9 @@ class LoRALinear(_Adapted):
     @property
     def active(self) -> bool:
         return self.lora_a is not None and not self.disabled and not self.merged
+
+    def _head_lora_active(self) -> bool:
+        return self.active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.rows_weight(), self.bias)
@@ -180,6 +194,9 @@ class LoRAEmbedding(_Adapted):
     @property
     def head_active(self) -> bool:
         return self.head_lora_a is not None and not self.disabled and not self.merged
+
+    def _head_lora_active(self) -> bool:
+        return self.head_active  # the embedding's own LoRA never reaches the tied head
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.weight)  # (B, T, H), the base path exactly as nn.Embedding computes it

@@ -217,6 +217,13 @@ class Transformer(nn.Module):
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         return head.effective_weight() if hasattr(head, "effective_weight") else head.weight
 
+    def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`head_weight()` split as (constant [V, H], row ids [K], trainable rows [K, H]) when the head's only
+        trainable part is new-token rows (lora.train_new_token_rows, no head LoRA), else (head_weight(), None, None);
+        `logprobs.token_logps(..., rows=, row_weight=)` then trains the rows without a [V, H] gradient."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.head_parts() if hasattr(head, "head_parts") else (self.head_weight(), None, None)
+
     def head_bias(self) -> torch.Tensor | None:
         return None if self.lm_head is None else getattr(self.lm_head, "bias", None)
 

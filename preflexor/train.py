@@ -149,12 +149,15 @@ def set_lr(optimizer, base_lr: float, factor: float) -> float:
 def policy_logps(model, batch: dict, spec: LossSpec, rt: Runtime) -> dict:
     """One forward over [chosen; rejected] rows -> per-sequence log-probs (mean or sum per the loss) and ORPO's NLL.
 
-    The head is applied by the chunked `token_logps` (never the full [tokens, vocab] logits)."""
+    The head is applied by the chunked `token_logps` (never the full [tokens, vocab] logits); a head that trains only
+    new-token rows (stage 1) goes in as a constant matrix plus those rows, so no [V, H] gradient is formed."""
     ids = batch["input_ids"].to(rt.device)
     with rt.autocast_ctx():
         hidden = model(ids, return_hidden=True)  # (2B, T, H)
     targets = batch["targets"].to(rt.device)
-    tl = token_logps(hidden.float() if rt.autocast is None else hidden, model.head_weight(), targets)  # (2B, T)
+    weight, rows, row_weight = model.head_parts()
+    tl = token_logps(hidden.float() if rt.autocast is None else hidden, weight, targets, rows=rows,
+                     row_weight=row_weight)  # (2B, T)
     loss_mask, nll_mask = batch["loss_mask"].to(rt.device), batch["nll_mask"].to(rt.device)
     seq = sequence_logps(tl, loss_mask, average=spec.average_logps)
     chosen, rejected = seq.chunk(2)

@@ -1,4 +1,9 @@
 """token_logps (chunked, custom autograd) against the eager reference; sequence_logps sums and means."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -7,6 +12,7 @@ from preflexor import logprobs
 from preflexor.logprobs import default_chunk_size, sequence_logps, token_logps, token_logps_reference
 
 IGNORE = -100
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _inputs(N=27, H=37, V=1001, dtype=torch.float32, seed=0, logit_std=4.0):
@@ -87,7 +93,8 @@ def test_token_logps_bf16_no_worse_than_eager(weight_grad):
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
+    """Records the largest number of elements of any tensor an op produces (views, such as W.t(), hold no memory
+    of their own and are skipped)."""
 
     def __init__(self):
         super().__init__()
@@ -95,6 +102,8 @@ class _LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.max_numel = max(self.max_numel, t.numel())
@@ -113,6 +122,144 @@ def test_token_logps_never_materialises_full_logits(weight_grad):
         _fwd_bwd(lambda h, w, y: token_logps(h, w, y, chunk_size=16, impl="torch"), hidden, weight, labels, grad_out,
                  weight_grad)
     assert ours.max_numel <= max(16 * V, V * hidden.shape[1])  # one [chunk, V] block, or the [V, H] weight grad
+
+
+# -- a head whose only trainable part is a few rows (stage 1: the new thinking tokens) ---------------------------
+
+
+def _rows_inputs(in_labels: bool, dtype=torch.float32, **kw):
+    """_inputs plus K=3 trained rows (unsorted ids) with fresh values; `in_labels` puts two of them among the labels,
+    else no label is a trained row (their gradient is then the softmax term alone)."""
+    hidden, weight, labels = _inputs(**kw)
+    rows = torch.tensor([weight.shape[0] - 3, 4, weight.shape[0] // 2])
+    g = torch.Generator().manual_seed(7)
+    row_weight = (torch.randn(len(rows), weight.shape[1], generator=g) * 4 / weight.shape[1] ** 0.5).to(dtype)
+    labels[torch.isin(labels, rows)] = 0
+    if in_labels:
+        labels[[2, 5, 9]] = rows[[0, 1, 0]]
+    return hidden.to(dtype), weight.to(dtype), labels, rows, row_weight
+
+
+def _rows_fwd_bwd(fn, hidden, row_weight, grad_out):
+    h, r = hidden.clone().requires_grad_(), row_weight.clone().requires_grad_()
+    out = fn(h, r)
+    (out * grad_out).sum().backward()
+    return out.detach(), h.grad, r.grad
+
+
+def _ref_rows(weight, labels, rows):
+    """The plain path: the head built by index_put, full autograd through it (what stage 1 did before)."""
+    return lambda h, r: token_logps_reference(h, weight.index_put((rows,), r), labels)
+
+
+def _ours_rows(weight, labels, rows, **kw):
+    """The rows path: a constant head holding the rows' values, gradient to the [K, H] rows only."""
+    return lambda h, r: token_logps(h, weight.index_put((rows,), r.detach()), labels, rows=rows, row_weight=r, **kw)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 100, None])
+@pytest.mark.parametrize("in_labels", [True, False])
+def test_token_logps_rows_matches_index_put_reference(chunk_size, in_labels):
+    hidden, weight, labels, rows, row_weight = _rows_inputs(in_labels)
+    grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
+    ref = _rows_fwd_bwd(_ref_rows(weight, labels, rows), hidden, row_weight, grad_out)
+    ours = _rows_fwd_bwd(_ours_rows(weight, labels, rows, chunk_size=chunk_size, impl="torch"), hidden, row_weight,
+                         grad_out)
+    assert ours[2].shape == row_weight.shape and ours[2].abs().min() > 0  # every trained row gets a gradient
+    assert torch.all(ours[1][labels == IGNORE] == 0.0)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # only the hidden needs a gradient (rows constant): the frozen-head path, same values
+    h = hidden.clone().requires_grad_()
+    out = token_logps(h, weight.index_put((rows,), row_weight), labels, chunk_size=chunk_size, rows=rows,
+                      row_weight=row_weight)
+    (out * grad_out).sum().backward()
+    torch.testing.assert_close(h.grad, ref[1], atol=1e-5, rtol=1e-5)
+
+
+def test_token_logps_rows_gradcheck_float64_and_rows_only():
+    hidden, weight, labels, rows, row_weight = _rows_inputs(True, dtype=torch.float64, N=12, H=5, V=9,
+                                                            logit_std=2.0)
+    rows = torch.tensor([7, 1])
+    row_weight = row_weight[:2]
+    labels[3] = 1
+
+    def f(h, r):
+        return token_logps(h, weight.index_put((rows,), r.detach()), labels, chunk_size=5, impl="torch", rows=rows,
+                           row_weight=r)
+
+    h, r = hidden.requires_grad_(), row_weight.requires_grad_()
+    assert torch.autograd.gradcheck(f, (h, r))
+    assert torch.autograd.gradcheck(lambda r: f(hidden.detach(), r), (r,))  # constant hidden: row gradient alone
+
+
+def test_token_logps_rows_bf16_no_worse_than_eager():
+    """The CUDA training dtypes: bf16 activations, float32 head and rows; CCE-style bound as in the bf16 test above."""
+    hidden, weight, labels, rows, row_weight = _rows_inputs(True, N=64, H=48, V=503, seed=3)
+    hb = hidden.bfloat16()
+    grad_out = 0.25 * torch.randn(labels.shape, generator=torch.Generator().manual_seed(4))
+    gt = _rows_fwd_bwd(_ref_rows(weight, labels, rows), hb.float(), row_weight, grad_out)
+    eager = _rows_fwd_bwd(_ref_rows(weight, labels, rows), hb, row_weight, grad_out)
+    ours = _rows_fwd_bwd(_ours_rows(weight, labels, rows, chunk_size=24, impl="torch"), hb, row_weight, grad_out)
+    assert ours[1].dtype == torch.bfloat16 and ours[2].dtype == torch.float32
+    for name, o, e, t in zip(["logp", "grad_hidden", "grad_rows"], ours, eager, gt):
+        err_ours, err_eager = (o.float() - t).abs(), (e.float() - t).abs()
+        assert torch.all(err_ours <= err_eager + 1e-2), f"{name}: worst excess {(err_ours - err_eager).max():.3g}"
+
+
+def test_token_logps_rows_never_forms_a_vocab_by_hidden_gradient():
+    hidden, weight, labels, rows, row_weight = _rows_inputs(True, N=128, H=16, V=1001)
+    w = weight.index_put((rows,), row_weight)
+    with _LargestTensor() as probe:
+        _rows_fwd_bwd(lambda h, r: token_logps(h, w, labels, chunk_size=8, impl="torch", rows=rows, row_weight=r),
+                      hidden, row_weight, torch.ones(128))
+    assert probe.max_numel <= 8 * w.shape[0] < w.numel()  # one [chunk, V] block; no [V, H] tensor at all
+
+
+def test_token_logps_rows_bad_args():
+    hidden, weight, labels, rows, row_weight = _rows_inputs(True, N=10)
+    w = weight.index_put((rows,), row_weight)
+    cases = [
+        (dict(rows=rows), "both or neither"),
+        (dict(rows=rows.float(), row_weight=row_weight), "1-D integer"),
+        (dict(rows=rows[:, None], row_weight=row_weight), "1-D integer"),
+        (dict(rows=rows, row_weight=row_weight[:2]), r"\[K, H\] = \[3, 37\]"),
+        (dict(rows=rows, row_weight=row_weight[:, :5]), r"\[K, H\]"),
+        (dict(rows=torch.tensor([4, 4, 9]), row_weight=row_weight), "distinct"),
+        (dict(rows=torch.tensor([4, 1001, 9]), row_weight=row_weight), r"in \[0, 1001\)"),
+        (dict(rows=rows, row_weight=row_weight + 1), "differs from row_weight"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            token_logps(hidden, w, labels, **kw)
+    with pytest.raises(ValueError, match="weight is a constant"):
+        token_logps(hidden, w.requires_grad_(), labels, rows=rows, row_weight=row_weight)
+
+
+def check_rows_triton(device: str) -> None:
+    """The rows path through the Triton kernels against the index_put reference (run under TRITON_INTERPRET=1 on
+    CPU by the test below, natively on CUDA)."""
+    hidden, weight, labels, rows, row_weight = _rows_inputs(True, N=19)
+    hidden, weight, labels, rows, row_weight = (t.to(device) for t in (hidden, weight, labels, rows, row_weight))
+    grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    ref = _rows_fwd_bwd(_ref_rows(weight, labels, rows), hidden, row_weight, grad_out)
+    ours = _rows_fwd_bwd(_ours_rows(weight, labels, rows, chunk_size=7, impl="triton"), hidden, row_weight, grad_out)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logps_rows_triton_interpreter_on_cpu():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rows triton checks passed" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_token_logps_rows_triton_on_cuda():
+    pytest.importorskip("triton")
+    check_rows_triton("cuda")
 
 
 def test_default_chunk_size_and_bad_args():
@@ -159,3 +306,9 @@ def test_sequence_logps_sum_mean_and_masks():
         sequence_logps(tok, response[:, :3], average=True)
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         sequence_logps(tok.flatten(), response.flatten(), average=False)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or set TRITON_INTERPRET=1"
+    check_rows_triton("cpu")
+    print("rows triton checks passed")

@@ -179,6 +179,94 @@ def test_new_token_rows_only_those_rows_train(tied):
         torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=0)
 
 
+def pairs_batch(seed: int = 5) -> dict:
+    """Two preference pairs whose responses contain new tokens; one chosen response has thinking-masked tokens, so
+    ORPO's loss mask and NLL mask differ."""
+    from preflexor.data import collate_pairs
+
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(0, V - 4, (n,), generator=g).tolist()
+
+    examples = []
+    for P, C, R in [(5, 9, 7), (4, 6, 10)]:
+        chosen, rejected = toks(C), toks(R)
+        chosen[1], chosen[4], rejected[2] = NEW[0], NEW[2], NEW[1]
+        examples.append({"prompt_ids": toks(P), "chosen_ids": chosen, "rejected_ids": rejected})
+    examples[0]["chosen_mask"] = [True, False, False] + [True] * 6
+    return collate_pairs(examples, pad_id=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_policy_logps_rows_head_equals_full_head_autograd(tied, monkeypatch):
+    """Stage 1 (LoRA on the projections + trained new-token rows): `policy_logps` takes the rows path of
+    `token_logps` through `head_parts()`, and the ORPO losses and every trainable gradient equal those of the old
+    path (the [V, H] `head_weight()` with full autograd) within 1e-5; the disabled reference gives the same values."""
+    import preflexor.train as train
+    from preflexor.losses import get_loss
+
+    model = apply_lora(tiny(tied), r=4, alpha=8)  # stage1_orpo.yaml: projections only
+    train_new_token_rows(model, NEW)
+    randomize(model)  # B != 0, so every LoRA pair gets a gradient
+    head = model.model.embed_tokens if tied else model.lm_head
+    with torch.no_grad():
+        for m in {model.model.embed_tokens, head}:
+            m.new_rows.add_(0.3 * torch.randn(m.new_rows.shape, generator=torch.Generator().manual_seed(9)))
+    weight, rows, row_weight = model.head_parts()
+    assert row_weight is head.new_rows and torch.equal(rows, torch.tensor(NEW)) and not weight.requires_grad
+    assert torch.equal(weight, model.head_weight())
+    rt, spec, batch = train.Runtime(torch.device("cpu"), torch.float32, None), get_loss("orpo"), pairs_batch()
+    calls = []
+    real_token_logps = train.token_logps
+    monkeypatch.setattr(train, "token_logps", lambda *a, **kw: calls.append(kw["rows"]) or real_token_logps(*a, **kw))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        losses, _ = train.preference_loss(model, batch, spec, "orpo", 0.1, 0.0, rt)
+        losses.mean().backward()
+        with torch.no_grad():
+            ref = train.reference_logps(model, batch, get_loss("sigmoid"), rt)
+        return losses.detach(), ref, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fast = step()
+    assert calls[0] is not None  # the policy took the rows path
+    monkeypatch.setattr(model, "head_parts", lambda: (model.head_weight(), None, None), raising=False)
+    old = step()
+    torch.testing.assert_close(fast[0], old[0], atol=1e-5, rtol=1e-5)
+    for k in ("chosen", "rejected"):
+        assert torch.equal(fast[1][k], old[1][k])  # the same matrix, the same plain path
+    assert fast[2].keys() == old[2].keys() and len(fast[2]) == 2 * 7 * 2 + (1 if tied else 2)
+    for name, g in fast[2].items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g, old[2][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_head_parts_only_for_rows_only_heads():
+    """(weight, None, None) for a plain head, a head LoRA, frozen rows and a merged model; the split whenever the
+    rows are the head's only trainable part, including under disable_lora, where it holds head_weight()'s values."""
+    plain = tiny(True)
+    w, rows, rw = plain.head_parts()
+    assert w is plain.model.embed_tokens.weight and rows is None and rw is None
+    for tied in (True, False):
+        model = train_new_token_rows(apply_lora(tiny(tied), r=4, alpha=8, targets=ALL), NEW)
+        randomize(model)
+        w, rows, rw = model.head_parts()
+        assert rows is None and rw is None and w.requires_grad  # head LoRA active: the full autograd path
+        with torch.no_grad():
+            torch.testing.assert_close(w, model.head_weight())
+        with disable_lora(model):
+            w, rows, rw = model.head_parts()
+            assert rows is not None and torch.equal(w, model.head_weight()) and not w.requires_grad
+        head = model.model.embed_tokens if tied else model.lm_head
+        head.new_rows.requires_grad_(False)
+        with disable_lora(model):
+            assert model.head_parts()[1] is None  # nothing in the head trains
+        merge_lora(model)
+        w, rows, rw = model.head_parts()
+        assert rows is None and w is model.lm_head.weight
+
+
 @pytest.mark.parametrize("untie", [False, True])
 def test_new_token_rows_with_embedding_and_head_lora_round_trip(tmp_path, untie):
     model, x = tiny(untie), ids()
