@@ -73,23 +73,52 @@ def question_prompt_ids(tok, question: str, system: str | None = None) -> list[i
 @torch.no_grad()
 def format_rate(model, tok, prompts: list[str], max_new_tokens: int = 128, system: str | None = None,
                 batch_size: int = 8) -> dict:
-    """Greedy answers to `prompts` (already carrying the trigger); the fraction that is well formed, with samples."""
-    gens = generate_responses(model, tok, prompts, max_new_tokens, system, batch_size)
+    """Greedy answers to `prompts` (already carrying the trigger); the fraction that is well formed, with samples.
+
+    A row stops as soon as it cannot be well formed any more (its first non-blank text is not `<|thinking|>`, or it
+    opens a second thinking block), so an untrained model's long answers cost one step instead of a full budget.
+    Those samples are cut there ("stopped early")."""
+    gens = generate_responses(model, tok, prompts, max_new_tokens, system, batch_size, stop_when_malformed=True)
     texts = [g["response"] for g in gens["rows"]]
     parsed = [split_thinking(t) for t in texts]
     ok = sum(p["well_formed"] for p in parsed)
     opened = sum(t.lstrip().startswith(THINK_START) for t in texts)
     return {"format_rate": ok / max(len(texts), 1), "opens_thinking_rate": opened / max(len(texts), 1),
             "n": len(texts), "tokens_per_s": gens["tokens_per_s"],
-            "samples": [{"prompt": p, "response": t, "issue": q["issue"]} for p, t, q in zip(prompts, texts, parsed)]}
+            "samples": [{"prompt": p, "response": t, "issue": q["issue"], "stopped_early": g["stopped_early"]}
+                        for p, t, q, g in zip(prompts, texts, parsed, gens["rows"])]}
+
+
+class _MalformedStop:
+    """`on_token` for `generate_ex`: ends a row once its text can no longer be a well-formed response."""
+
+    def __init__(self, tok, n_rows: int):
+        self.tok, self.start = tok, tok.reasoning_ids.get(THINK_START)
+        self.ids: list[list[int]] = [[] for _ in range(n_rows)]
+        self.opened = [False] * n_rows
+        self.stopped = [False] * n_rows
+
+    def __call__(self, row: int, token: int) -> bool:
+        if self.opened[row]:
+            bad = token == self.start  # a second <|thinking|>
+        else:
+            self.ids[row].append(token)
+            text = self.tok.decode(self.ids[row]).lstrip()
+            if not text:
+                return False
+            self.opened[row] = text.startswith(THINK_START)
+            bad = not self.opened[row] and not THINK_START.startswith(text)
+        self.stopped[row] = self.stopped[row] or bad
+        return bad
 
 
 @torch.no_grad()
 def generate_responses(model, tok, prompts: Sequence[str], max_new_tokens: int, system: str | None = None,
-                       batch_size: int = 8) -> dict:
-    """Greedy responses, batched through the sampler: `{"rows": [{"response", "n_tokens"}], "tokens_per_s",
-    "seconds"}`. Tokens per second = generated tokens / wall time of the batched generation."""
-    from preflexor.sampler import generate
+                       batch_size: int = 8, stop_when_malformed: bool = False) -> dict:
+    """Greedy responses, batched through the sampler: `{"rows": [{"response", "n_tokens", "stopped_early"}],
+    "tokens_per_s", "seconds"}`. Tokens per second = generated tokens / wall time of the batched generation.
+    `stop_when_malformed` ends rows that can no longer be well formed (see `format_rate`)."""
+    from preflexor.sampler import generate_ex
 
     was_training = model.training
     model.eval()
@@ -99,11 +128,13 @@ def generate_responses(model, tok, prompts: Sequence[str], max_new_tokens: int, 
         room = model.config.max_position_embeddings - max(len(x) for x in ids)
         if room < 1:
             raise UserError(f"a prompt of {max(len(x) for x in ids)} tokens does not fit the model's context")
-        outs = generate(model, ids, min(max_new_tokens, room), temperature=0.0, stop_ids=tok.stop_ids,
-                        pad_id=tok.pad_id)
-        for o in outs:
+        watch = _MalformedStop(tok, len(ids)) if stop_when_malformed else None
+        res = generate_ex(model, ids, min(max_new_tokens, room), temperature=0.0, stop_ids=tok.stop_ids,
+                          pad_id=tok.pad_id, on_token=watch)
+        for r, o in enumerate(res.tokens):
             n_tokens += len(o[0])
-            rows.append({"response": tok.decode(o[0], skip_special=True), "n_tokens": len(o[0])})
+            rows.append({"response": tok.decode(o[0], skip_special=True), "n_tokens": len(o[0]),
+                         "stopped_early": bool(watch and watch.stopped[r])})
     model.train(was_training)
     dt = time.perf_counter() - t0
     return {"rows": rows, "tokens_per_s": n_tokens / dt if dt > 0 else 0.0, "seconds": dt}
@@ -263,7 +294,9 @@ def _pair_logps(model, examples: list[dict], pad_id: int, average: bool, device,
         B = len(examples[i:i + batch_size])
         hidden = model(batch["input_ids"].to(device), return_hidden=True)  # (2B, T, H)
         targets = batch["targets"].to(device)
-        tl = token_logps(hidden.float(), model.head_weight().float(), targets)  # (2B, T)
+        weight, rows, row_weight = model.head_parts()  # no grad here: rows only matter when training
+        tl = token_logps(hidden.float(), weight.float(), targets, rows=rows,
+                         row_weight=None if row_weight is None else row_weight.float())  # (2B, T)
         seq = sequence_logps(tl, batch["loss_mask"].to(device), average=average)  # (2B,)
         full = sequence_logps(tl, targets != -100, average=True)  # (2B,) mean over every response token
         for b in range(B):

@@ -281,3 +281,48 @@ def test_cli_exit_code_on_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "missing")])
     assert e.value.code == 2 and "config.json" in capsys.readouterr().err
+
+
+def test_format_rate_stops_rows_that_cannot_be_well_formed(tiny_llama_dir):
+    """The early stop only ends rows whose text can no longer be well formed; it never cuts a thinking response."""
+    import torch
+
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.evaluate import _MalformedStop, format_rate, generate_responses
+
+    model, tok = load_model_and_tokenizer(tiny_llama_dir, dtype="float32")
+    enc = lambda s: tok.encode(s, allow_special=True)  # noqa: E731
+    start, end = tok.reasoning_ids[THINK_START], tok.reasoning_ids[THINK_END]
+
+    def feed(ids):
+        watch = _MalformedStop(tok, 1)
+        return [watch(0, t) for t in ids], watch.stopped[0]
+
+    assert feed(enc("\n") + [start] + enc("\nstep one") + [end] + enc("Answer."))[1] is False
+    assert feed(enc("Bone is hard."))[0][0] is True  # the first non-blank text is not the opening tag
+    blank = enc("\n\n")
+    assert feed(blank + enc("Bone"))[0][:len(blank) + 1] == [False] * len(blank) + [True]
+    assert feed(enc("<|thin"))[1] is False  # the tag spelled out in pieces may still become it
+    mid = enc(" a ")
+    assert feed([start] + mid + [start])[0] == [False] * (1 + len(mid)) + [True]  # a second opening tag
+
+    def force(token_id: int) -> None:
+        """Make greedy decoding emit `token_id` every step: its (tied) head row dominates every logit."""
+        with torch.no_grad():
+            w = model.model.embed_tokens.weight
+            w[token_id] = 1e3 * model.model.norm.weight
+
+    questions = ["What is bone? Use <|thinking|>.", "What is a cell? Use <|thinking|>."]
+    word = enc(" Bone")[0]
+    force(word)  # a model that answers without the tag: rows end after the first token, not at the budget
+    full = generate_responses(model, tok, questions, 24)
+    fr = format_rate(model, tok, questions, 24)
+    assert [g["n_tokens"] for g in full["rows"]] == [24, 24]
+    assert fr["format_rate"] == 0.0 and all(s["stopped_early"] for s in fr["samples"])
+    assert [s["response"] for s in fr["samples"]] == [tok.decode([word])] * 2
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[word] = 0.0
+    force(start)  # a model that opens with the tag (and repeats it): cut at the second tag, flagged as malformed
+    fr = format_rate(model, tok, questions[:1], 6)
+    assert fr["samples"][0]["response"] == THINK_START + THINK_START and fr["samples"][0]["stopped_early"]
