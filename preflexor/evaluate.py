@@ -284,19 +284,18 @@ def _pair_logps(model, examples: list[dict], pad_id: int, average: bool, device,
     """Per example: chosen/rejected log-probs under the loss mask (sum or mean per the loss), the token-mean NLL of
     the whole chosen response, and the mean log-probs of both whole responses."""
     from preflexor.data import collate_pairs
-    from preflexor.logprobs import sequence_logps, token_logps
+    from preflexor.logprobs import sequence_logps
+    from preflexor.train import Runtime, response_token_logps
 
     was_training = model.training
     model.eval()
+    rt = Runtime(torch.device(device), next(model.parameters()).dtype, None)  # fp32 log-probs, no autocast
     out = []
     for i in range(0, len(examples), batch_size):
         batch = collate_pairs(examples[i:i + batch_size], pad_id)
         B = len(examples[i:i + batch_size])
-        hidden = model(batch["input_ids"].to(device), return_hidden=True)  # (2B, T, H)
+        tl = response_token_logps(model, batch, rt)  # (2B, T)
         targets = batch["targets"].to(device)
-        weight, rows, row_weight = model.head_parts()  # no grad here: rows only matter when training
-        tl = token_logps(hidden.float(), weight.float(), targets, rows=rows,
-                         row_weight=None if row_weight is None else row_weight.float())  # (2B, T)
         seq = sequence_logps(tl, batch["loss_mask"].to(device), average=average)  # (2B,)
         full = sequence_logps(tl, targets != -100, average=True)  # (2B,) mean over every response token
         for b in range(B):

@@ -146,18 +146,41 @@ def set_lr(optimizer, base_lr: float, factor: float) -> float:
 # -- the preference step -----------------------------------------------------------------------------------------
 
 
-def policy_logps(model, batch: dict, spec: LossSpec, rt: Runtime) -> dict:
-    """One forward over [chosen; rejected] rows -> per-sequence log-probs (mean or sum per the loss) and ORPO's NLL.
+def response_token_logps(model, batch: dict, rt: Runtime) -> torch.Tensor:
+    """Log-prob of every response token of a collated batch ([2B, T] from `data.collate_pairs`, 0.0 elsewhere).
 
-    The head is applied by the chunked `token_logps` (never the full [tokens, vocab] logits); a head that trains only
-    new-token rows (stage 1) goes in as a constant matrix plus those rows, so no [V, H] gradient is formed."""
-    ids = batch["input_ids"].to(rt.device)
-    with rt.autocast_ctx():
-        hidden = model(ids, return_hidden=True)  # (2B, T, H)
-    targets = batch["targets"].to(rt.device)
+    Two forwards, one per half, each cut to its own longest row: a short rejected answer (stage 1: the model's direct
+    answer) is not padded to the length of a long chosen one with its thinking block. Rows are right padded and
+    attention is causal, so the cut changes no real token's hidden state. The head then runs only on rows that
+    predict a response token (`targets != -100`), through the chunked `token_logps` (never the full [tokens, vocab]
+    logits); a head that trains only new-token rows (stage 1) goes in as a constant matrix plus those rows, so no
+    [V, H] gradient is formed."""
+    ids, targets = batch["input_ids"].to(rt.device), batch["targets"].to(rt.device)
+    lengths = batch["attention_mask"].sum(dim=1)  # (2B,)
+    B2, T = ids.shape
+    picked, labels, where = [], [], []
+    for half in (slice(0, B2 // 2), slice(B2 // 2, B2)):
+        t = max(int(lengths[half].max()), 1)
+        with rt.autocast_ctx():
+            hidden = model(ids[half, :t], return_hidden=True)  # (B, t, H)
+        sel = targets[half, :t] != -100  # (B, t) rows that predict a response token
+        picked.append(hidden[sel])  # (n, H)
+        labels.append(targets[half, :t][sel])  # (n,)
+        full = torch.zeros(B2 // 2, T, dtype=torch.bool, device=ids.device)
+        full[:, :t] = sel
+        where.append(full)
+    hidden = torch.cat(picked)  # (n_chosen + n_rejected, H)
     weight, rows, row_weight = model.head_parts()
-    tl = token_logps(hidden.float() if rt.autocast is None else hidden, weight, targets, rows=rows,
-                     row_weight=row_weight)  # (2B, T)
+    if rt.autocast is None:  # fp32 log-probs for fp32 or bf16 weights without autocast (evaluation of a bf16 model)
+        hidden, weight = hidden.float(), weight.float()
+        row_weight = None if row_weight is None else row_weight.float()
+    tl = token_logps(hidden, weight, torch.cat(labels), rows=rows, row_weight=row_weight)  # (n,)
+    return torch.zeros(B2, T, dtype=tl.dtype, device=tl.device).masked_scatter(torch.cat(where), tl)  # (2B, T)
+
+
+def policy_logps(model, batch: dict, spec: LossSpec, rt: Runtime) -> dict:
+    """[chosen; rejected] rows -> per-sequence log-probs (mean or sum per the loss) and ORPO's NLL."""
+    tl = response_token_logps(model, batch, rt)  # (2B, T)
     loss_mask, nll_mask = batch["loss_mask"].to(rt.device), batch["nll_mask"].to(rt.device)
     seq = sequence_logps(tl, loss_mask, average=spec.average_logps)
     chosen, rejected = seq.chunk(2)

@@ -173,3 +173,42 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_llama_dir):
         assert r.returncode == 2, (args, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def test_response_token_logps_equals_one_padded_forward(tiny_llama_dir):
+    """Per-half trimmed forwards + head on labelled rows == one forward over the whole padded batch + full logits,
+    for a long chosen and a short rejected answer, with new-token rows trained (values and every gradient)."""
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.data import collate_pairs
+    from preflexor.logprobs import token_logps_reference
+    from preflexor.lora import apply_lora, train_new_token_rows
+    from preflexor.train import response_token_logps, setup_runtime
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(tiny_llama_dir, dtype="float32")
+    apply_lora(model, 4, 8, 0.0, ["q_proj", "v_proj", "down_proj"])
+    train_new_token_rows(model, sorted(tok.reasoning_ids.values()))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    think = [tok.reasoning_ids["<|thinking|>"], tok.reasoning_ids["<|/thinking|>"]]
+    ex = [{"prompt_ids": torch.randint(3, 1000, (p,), generator=g).tolist(),
+           "chosen_ids": [think[0]] + torch.randint(3, 1000, (c,), generator=g).tolist() + [think[1], 5],
+           "rejected_ids": torch.randint(3, 1000, (r,), generator=g).tolist()}
+          for p, c, r in ((7, 60, 5), (11, 33, 2), (4, 70, 9))]
+    batch = collate_pairs(ex, tok.pad_id)
+    rt = setup_runtime("cpu", "float32", verbose=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    tl = response_token_logps(model, batch, rt)
+    grads = torch.autograd.grad((tl * torch.linspace(0.5, 1.5, tl.numel()).view_as(tl)).sum(), params)
+    hidden = model(batch["input_ids"], return_hidden=True)  # (2B, T, H) one padded forward
+    ref = token_logps_reference(hidden, model.head_weight(), batch["targets"])
+    ref_grads = torch.autograd.grad((ref * torch.linspace(0.5, 1.5, ref.numel()).view_as(ref)).sum(), params)
+    assert tl.shape == ref.shape == batch["targets"].shape
+    assert bool((tl[batch["targets"] == -100] == 0).all())
+    torch.testing.assert_close(tl, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
