@@ -5,10 +5,14 @@ so transformers needs no padding and takes its fastest path). Both generate ever
 ids, transformers with `min_new_tokens = max_new_tokens`. Runs alternate (ours, theirs, ours, ...) after one warm-up
 each, so machine load hits both alike; the reported speed is new tokens per second over the median run (wall clock,
 and per process-CPU second, which is steadier when other jobs share the machine).
+Ours is `generate` as callers get it: on a float32 CPU model that is the `cpu_infer` fast path. Its packed weights
+are built once per model (in the warm-up here); `pack_build_s` reports that one-off cost. `--also-plain` adds our
+plain path (`fast=False`) to the interleaved runs.
 One JSON line per configuration:
   b8_sample: batch 8, temperature 1, top-k 50, top-p 0.9;   b1_greedy: batch 1, greedy.
 
   python bench/bench_generate.py [--repeats 3] [--new-tokens 128] [--configs b8_sample,b1_greedy] [--threads N]
+                                 [--also-plain]
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from preflexor import cpu_infer  # noqa: E402
 from preflexor.checkpoint import default_model_dir, load_model, load_tokenizer  # noqa: E402
 from preflexor.sampler import generate  # noqa: E402
 
@@ -58,9 +63,9 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def run_ours(model, prompts, new_tokens, c, seed) -> None:
+def run_ours(model, prompts, new_tokens, c, seed, fast=None) -> None:
     out = generate(model, prompts, new_tokens, temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"],
-                   seed=seed)
+                   seed=seed, fast=fast)
     assert all(len(o[0]) == new_tokens for o in out)
 
 
@@ -83,6 +88,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--also-plain", action="store_true", help="also time our plain path (fast=False)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,22 +106,35 @@ def main() -> None:
     for name in args.configs.split(","):
         c = CONFIGS[name]
         prompts = prompts_of(tok, c["batch"], args.prompt_len)
+        cpu_infer.release(model)
+        build_s = timed(lambda: cpu_infer.packed(model, c["batch"]))[0] if cpu_infer.default_on(model) else 0.0
         run_ours(model, prompts, 4, c, 0)  # warm-up (allocator, thread pools)
         run_hf(hf, prompts, 4, c, 0)
-        ours, theirs = [], []
+        if args.also_plain:
+            run_ours(model, prompts, 4, c, 0, fast=False)
+        ours, theirs, plain = [], [], []
         for r in range(args.repeats):
             ours.append(timed(lambda: run_ours(model, prompts, args.new_tokens, c, r)))
             theirs.append(timed(lambda: run_hf(hf, prompts, args.new_tokens, c, r)))
+            if args.also_plain:
+                plain.append(timed(lambda: run_ours(model, prompts, args.new_tokens, c, r, fast=False)))
         n = c["batch"] * args.new_tokens
         o, t = n / statistics.median(w for w, _ in ours), n / statistics.median(w for w, _ in theirs)
         oc, tc = n / statistics.median(cpu for _, cpu in ours), n / statistics.median(cpu for _, cpu in theirs)
+        extra = {}
+        if plain:
+            p_, pc = n / statistics.median(w for w, _ in plain), n / statistics.median(cpu for _, cpu in plain)
+            extra = {"plain_tok_s": round(p_, 2), "plain_tok_per_cpu_s": round(pc, 2),
+                     "plain_s": [round(w, 2) for w, _ in plain]}
         print(json.dumps({"bench": "generate", "config": name, "batch": c["batch"], "prompt_tokens": args.prompt_len,
                           "new_tokens": args.new_tokens, "temperature": c["temperature"], "top_k": c["top_k"],
                           "top_p": c["top_p"], "ours_tok_s": round(o, 2), "transformers_tok_s": round(t, 2),
                           "ratio": round(o / t, 3), "ours_tok_per_cpu_s": round(oc, 2),
                           "transformers_tok_per_cpu_s": round(tc, 2), "cpu_ratio": round(oc / tc, 3),
                           "ours_s": [round(w, 2) for w, _ in ours],
-                          "transformers_s": [round(w, 2) for w, _ in theirs], "repeats": args.repeats,
+                          "transformers_s": [round(w, 2) for w, _ in theirs], **extra,
+                          "ours_path": "cpu_infer" if cpu_infer.default_on(model) else "plain",
+                          "pack_build_s": round(build_s, 2), "repeats": args.repeats,
                           "threads": torch.get_num_threads(), "loadavg_1m": round(os.getloadavg()[0], 2),
                           "device": "cpu", "dtype": "float32", "torch": torch.__version__}), flush=True)
 

@@ -13,18 +13,23 @@ as four runs with `num_samples=1` and seeds s, s+1, s+2, s+3, and a prompt's sam
 Each row draws exactly one uniform per step while it is alive and takes the token where it falls in the filtered
 distribution's cumulative sum (an inverse-CDF draw; with top-k it runs over the k candidates only, so a step needs no
 vocabulary-sized sort or noise).
+
+On a float32 CPU model the decode steps run through `cpu_infer` (weights repacked for the CPU's matmuls, the same
+tokens; `fast=False` or PREFLEXOR_FAST_CPU=0 keeps the model's own forward).
 """
 from __future__ import annotations
 
 import random
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from preflexor import cpu_infer
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -104,15 +109,18 @@ def head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return model.head_weight(), model.head_bias()
 
 
-def _head(model, hidden: torch.Tensor, head: tuple | None = None) -> torch.Tensor:
+def _head(model, hidden: torch.Tensor, head: tuple | Callable | None = None) -> torch.Tensor:
+    if callable(head):  # `cpu_infer.Packed.logits`: the head prepacked for the CPU
+        return head(hidden)
     w, b = head if head is not None else head_params(model)
     return F.linear(hidden, w, b).float()
 
 
 def prefill(model, tokens: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
-            head: tuple | None = None) -> torch.Tensor:
+            head: tuple | Callable | None = None) -> torch.Tensor:
     """Run the (B, L) left-padded prompts through the model, filling cache slots 0..L-1, and return the float32
-    logits (B, V) of the last position only (the head is applied to one position, not L)."""
+    logits (B, V) of the last position only (the head is applied to one position, not L). `head`: `head_params`,
+    or `cpu_infer.Packed.logits`."""
     L = tokens.size(1)
     input_pos = torch.arange(L, device=tokens.device)
     hidden = model(tokens, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask, return_hidden=True)
@@ -217,7 +225,7 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
                 top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
                 stop_ids: Sequence[int] | None = None, seed: int | list[int | None] | None = None, pad_id: int = 0,
                 progress: bool = False, on_token: Callable[[int, int], bool] | None = None,
-                compile: bool = False) -> GenerationResult:
+                compile: bool = False, fast: bool | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` new tokens for each prompt, `num_samples` times per prompt.
 
     Args:
@@ -233,6 +241,8 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
             returning True ends that row with reason "stop" (used for stop strings and streaming).
         compile: torch.compile the decode step (CUDA only; compiled once per batch size and cache length, so it pays
             off for repeated calls of one shape). Finished rows then stay in the batch, keeping its shape fixed.
+        fast: decode with `cpu_infer`'s repacked weights and lean step (same tokens; logits equal up to float rounding).
+            None (default) = on for float32 models on the CPU unless PREFLEXOR_FAST_CPU=0; False = the plain model.
     """
     B, N = len(prompts), num_samples
     if N < 1:
@@ -257,6 +267,10 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
     device = model.model.embed_tokens.weight.device
     stop = set(stop_ids or ())
     S = L + M - 1  # prompt slots + every generated token but the last, which is never fed back
+    if fast is None:
+        fast = not compile and cpu_infer.default_on(model)
+    if fast and (compile or not cpu_infer.available(model)):
+        raise ValueError("fast=True needs a float32 model on the CPU and compile=False")
     step_fn = _decode_step_fn(compile, device)
 
     lens = torch.tensor(lens_list, device=device)
@@ -269,9 +283,11 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
 
     tokens_out: list[list[int]] = [[] for _ in range(B * N)]
     reasons: list[str | None] = [None] * (B * N)
-    with _fresh_cache(model, B, S):
-        head = head_params(model)
+    with _fresh_cache(model, B, S), ExitStack() as stack:
+        packed = stack.enter_context(cpu_infer.session(model, B * N)) if fast else None
+        head = head_params(model) if packed is None else packed.logits  # weight and bias, or the packed head
         logits = prefill(model, padded, positions, _prefill_mask(pad, L, S), head)  # (B, V)
+        padded_rows = bool((pad > 0).any())  # the fast step needs no mask when no row is left-padded
         if N > 1:  # N samples per prompt from the one prefill: copy cache rows, not recompute
             _select_cache_rows(model, torch.arange(B, device=device).repeat_interleave(N))  # (B*N,) rows
             logits = logits.repeat_interleave(N, dim=0)  # (B*N, V)
@@ -313,7 +329,10 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
                 gens = [gens[i] for i in keep] if gens is not None else None
             slot = L + step
             step_mask[..., slot] = True
-            logits = step_fn(model, tok[:, None], slots[slot:slot + 1], pos, step_mask, head)
+            if packed is not None:
+                logits = packed.decode(model, tok[:, None], slot, pos, step_mask if padded_rows else None)
+            else:
+                logits = step_fn(model, tok[:, None], slots[slot:slot + 1], pos, step_mask, head)
             pos = pos + 1
             step += 1
         if bar is not None:
@@ -326,7 +345,7 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
 def generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
              stop_ids: Sequence[int] | None = None, seed: int | list[int | None] | None = None, pad_id: int = 0,
-             progress: bool = False) -> list[list[list[int]]]:
+             progress: bool = False, fast: bool | None = None) -> list[list[list[int]]]:
     """New token ids per prompt and per sample (stop id excluded); see `generate_ex` for the arguments."""
     return generate_ex(model, prompts, max_new_tokens, temperature, top_k, top_p, num_samples, stop_ids, seed,
-                       pad_id, progress).tokens
+                       pad_id, progress, fast=fast).tokens
