@@ -36,6 +36,7 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))  # may add embed_tokens, lm_head
     rslora: bool = False
     train_new_token_rows: bool = True  # stage 1: rows of the reasoning tokens in the embedding/head are trained
+    new_rows_lr: float | None = None  # their learning rate (None = train.lr); see configs/stage1_orpo.yaml
 
 
 @dataclass

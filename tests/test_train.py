@@ -212,3 +212,32 @@ def test_response_token_logps_equals_one_padded_forward(tiny_llama_dir):
     torch.testing.assert_close(tl, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_new_token_rows_get_their_own_learning_rate(tiny_llama_dir):
+    """`lora.new_rows_lr`: the new-token rows step at their own rate, through every schedule factor; None = lr."""
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.lora import apply_lora, train_new_token_rows
+    from preflexor.train import build_optimizer, set_lr
+
+    model, tok = load_model_and_tokenizer(tiny_llama_dir, dtype="float32")
+    apply_lora(model, 4, 8, 0.0, ["q_proj"])
+    train_new_token_rows(model, sorted(tok.reasoning_ids.values()))
+    rows = model.model.embed_tokens.new_rows
+    opt = build_optimizer(model, 1e-4, 0.01, torch.device("cpu"), new_rows_lr=5e-3)
+    group = next(g for g in opt.param_groups if any(p is rows for p in g["params"]))
+    assert group["lr"] == pytest.approx(5e-3) and group["weight_decay"] == 0.0 and len(group["params"]) == 1
+    set_lr(opt, 1e-4, 0.5)  # e.g. mid-warmup
+    assert group["lr"] == pytest.approx(2.5e-3)
+    assert all(g["lr"] == pytest.approx(5e-5) for g in opt.param_groups if g is not group)
+    # one Adam step moves each row coordinate by about its group's lr (Adam's first step is lr * sign(grad))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    before_rows, before_a = rows.detach().clone(), model.model.layers[0].self_attn.q_proj.lora_a.detach().clone()
+    opt.step()
+    assert float((before_rows - rows.detach()).abs().max()) == pytest.approx(2.5e-3, rel=1e-3)
+    moved_a = (before_a - model.model.layers[0].self_attn.q_proj.lora_a.detach()).abs().max()
+    assert float(moved_a) == pytest.approx(5e-5 + 5e-5 * 0.01 * float(before_a.abs().max()), rel=1e-2)
+    default = build_optimizer(model, 1e-4, 0.0, torch.device("cpu"))
+    assert {g["lr"] for g in default.param_groups} == {1e-4}
