@@ -441,7 +441,7 @@ def fit(model, tok, cfg, rt: Runtime, spec: LossSpec, pairs_for_iteration, heldo
     mask_kw = dict(max_prompt_len=dc.max_prompt_len, max_length=dc.max_length, system=dc.system_prompt,
                    mask_mode=lc.mask, keep_delimiter=lc.keep_delimiter, fraction=lc.mask_fraction)
     held_ex, _ = tokenize_pairs(tok, heldout, generator=torch.Generator().manual_seed(0), **mask_kw)
-    held_ref = _precompute_ref(model, held_ex, tok.pad_id, spec, rt) if spec.needs_ref else None
+    held_ref = _precompute_ref(model, held_ex, tok.pad_id, spec, rt, batch_size=4) if spec.needs_ref else None
 
     def run_eval(step: int) -> dict:
         if not held_ex:
@@ -513,14 +513,17 @@ def fit(model, tok, cfg, rt: Runtime, spec: LossSpec, pairs_for_iteration, heldo
 
 
 @torch.no_grad()
-def _precompute_ref(model, examples: list[dict], pad_id: int, spec: LossSpec, rt: Runtime) -> list[dict]:
-    """Reference log-probs of every example once (adapters disabled), so training steps skip the reference forward."""
+def _precompute_ref(model, examples: list[dict], pad_id: int, spec: LossSpec, rt: Runtime,
+                    batch_size: int = 1) -> list[dict]:
+    """Reference log-probs of every example once (adapters disabled), so training steps skip the reference forward.
+    The held-out set is done in `evaluate_pairs`' batches: the same shapes give the same float rounding, so at step 0
+    policy and reference agree exactly and the held-out rewards are exactly zero (no ties broken by noise)."""
     from preflexor.data import collate_pairs
 
     out = []
-    for ex in examples:
-        r = reference_logps(model, collate_pairs([ex], pad_id), spec, rt)
-        out.append({"chosen": r["chosen"][0].cpu(), "rejected": r["rejected"][0].cpu()})
+    for i in range(0, len(examples), batch_size):
+        r = reference_logps(model, collate_pairs(examples[i:i + batch_size], pad_id), spec, rt)
+        out += [{"chosen": c.cpu(), "rejected": j.cpu()} for c, j in zip(r["chosen"], r["rejected"])]
     return out
 
 
@@ -574,6 +577,9 @@ class PairSource:
                                      temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
                                      system_prompt=self.cfg.data.system_prompt)
             self.model.train(was_training)
+            from preflexor import cpu_infer
+
+            cpu_infer.release(self.model)  # training changes the weights next: the packed CPU copy would go stale
         if self.rt.world > 1:
             dist.barrier()
             if not self.rt.main:
