@@ -753,10 +753,9 @@ def plot_report(grid: Grid, data: dict, folder: Path, stem: str) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return path
+    from preflexor.utils import save_png
+
+    return save_png(fig, path)
 
 
 # -----------------------------------------------------------------------------

@@ -773,11 +773,10 @@ def plot_eval(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{result['run']}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    from preflexor.utils import save_png
+
+    save_png(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from preflexor.errors import UserError
 from preflexor.logprobs import sequence_logps, token_logps
 from preflexor.losses import LossSpec
-from preflexor.utils import append_jsonl, atomic_dir, atomic_write_json
+from preflexor.utils import append_jsonl, atomic_dir, atomic_write_json, save_png
 
 # -- device, precision, distributed ------------------------------------------------------------------------------
 
@@ -293,11 +293,8 @@ def plot_metrics(records: list[dict], out_png: Path, keys: tuple[str, ...] = (
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_png(fig, out_png, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 def mean_metrics(metrics: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:

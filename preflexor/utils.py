@@ -28,6 +28,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: b
         raise
 
 
+def save_png(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """A matplotlib figure as a PNG, written atomically; the figure stays open (the caller closes it)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
+    return Path(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 
