@@ -21,7 +21,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from preflexor import kernels
+from preflexor import kernels, matmul
 
 CHUNK_BYTES = 512 * 2**20  # cap on one float32 [chunk, V] logits block: 1040 tokens at V=128256, 2728 at V=49152
 MIN_CHUNK = 256  # rows below which large-H matmuls lose efficiency (measured on CPU at H=3072: +30% at 256 vs 1024)
@@ -113,7 +113,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_rows_unit = None if rows is None else torch.empty(N, rows.shape[0], dtype=lse.dtype, device=lse.device)
         for s in range(0, N, chunk_size):
             h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
-            logits = h @ w.t()  # [n, V]
+            logits = matmul.linear(h, w)  # [n, V]; oneDNN for float32 on the CPU
             if use_triton:
                 lse_c, logp_c = kernels.lse_and_logp(logits, y, ignore_index)
                 g = None
@@ -125,7 +125,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             if rows is not None:
                 grad_rows_unit[s:s + chunk_size] = g[:, rows]  # [n, K] columns of the trained rows
             if precompute_grad_hidden:
-                torch.mm(g.to(w.dtype), w, out=grad_hidden_unit[s:s + chunk_size])
+                grad_hidden_unit[s:s + chunk_size] = matmul.linear(g.to(w.dtype), w.t())  # (onehot - softmax) @ W
             del logits, g  # free this [n, V] block before the next chunk's matmul allocates one
         ctx.ignore_index, ctx.chunk_size, ctx.use_triton = ignore_index, chunk_size, use_triton
         ctx.precomputed, ctx.has_rows = precompute_grad_hidden, rows is not None
@@ -157,10 +157,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         c = ctx.chunk_size
         for s in range(0, hidden.shape[0], c):
             h, y = hidden[s:s + c], labels[s:s + c]
-            g = _chunk_grad(h @ w.t(), y, lse[s:s + c], grad_out[s:s + c], ctx.ignore_index, ctx.use_triton)
+            g = _chunk_grad(matmul.linear(h, w), y, lse[s:s + c], grad_out[s:s + c], ctx.ignore_index,
+                            ctx.use_triton)
             g = g.to(w.dtype)  # [n, V]; no copy in float32
             if need_h:
-                torch.mm(g, w, out=grad_hidden[s:s + c])
+                grad_hidden[s:s + c] = matmul.linear(g, w.t())
             if need_w:
                 if h.dtype == grad_w.dtype:
                     grad_w.addmm_(g.t(), h)

@@ -25,7 +25,9 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from preflexor import matmul
 from preflexor.errors import UserError
 from preflexor.utils import atomic_dir
 
@@ -102,6 +104,46 @@ def _merged(w: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor | None, sca
     return (w.detach().float() + scale * (delta.T if transpose else delta)).to(w.dtype)
 
 
+class _FrozenLoRALinear(torch.autograd.Function):
+    """y = x W^T + b + scale (xd A^T) B^T for a frozen W, b, where xd is x or dropout(x): the LoRA term is added into
+    the base GEMM's output (one addmm), the base GEMMs run through `matmul.linear` (oneDNN on the CPU), and only
+    x, xd and the [M, r] product xd A^T are kept for the backward (the frozen W gets no gradient):
+    d xa = scale dy B, dA = d xa^T xd, dB = scale dy^T xa, dx = dy W (+ d xa A when xd is x).
+    `LoRALinear.forward` falls back to plain autograd ops wherever this does not apply; tests hold the two equal."""
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, a, b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = matmul.linear(x2, weight, bias)
+        xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
+        xa = torch.mm(xd2, a.t())  # [M, r]
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.scale, ctx.same, ctx.x_shape, ctx.xd_shape = scale, xd is x, x.shape, xd.shape
+        ctx.save_for_backward(xd2, xa, weight, a, b)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        xd2, xa, weight, a, b = ctx.saved_tensors
+        need_x, need_xd, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 1, 4, 5))
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = gxd = ga = gb = None
+        gxa = torch.mm(g2, b).mul_(ctx.scale)  # [M, r]
+        if need_b:
+            gb = torch.mm(g2.t(), xa).mul_(ctx.scale)
+        if need_a:
+            ga = torch.mm(gxa.t(), xd2)
+        if need_x:
+            gx = matmul.linear(g2, weight.t())  # dy @ W
+            if ctx.same:
+                gx.addmm_(gxa, a)
+            gx = gx.view(ctx.x_shape)
+        if need_xd and not ctx.same:
+            gxd = torch.mm(gxa, a).view(ctx.xd_shape)
+        return gx, gxd, None, None, ga, gb, None
+
+
 class LoRALinear(_Adapted):
     """y = x W^T + b + scale * B A drop(x); `weight`/`bias` are the frozen base module's own parameters.
 
@@ -132,10 +174,25 @@ class LoRALinear(_Adapted):
         return self.active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_ok(x):
+            return _FrozenLoRALinear.apply(x, self.dropout(x), self.weight, self.bias, self.lora_a, self.lora_b,
+                                           self.scale)
+        if not self.active and self.new_rows is None:
+            return matmul.linear(x, self.weight, self.bias)  # oneDNN when no gradient is needed, else F.linear
         y = F.linear(x, self.rows_weight(), self.bias)
         if self.active:  # dropout on the LoRA branch input only
             y = y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
         return y
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """`_FrozenLoRALinear` applies: an active LoRA on a frozen base without trainable rows, one dtype, no
+        autocast."""
+        if not self.active or self.new_rows is not None or self.weight.requires_grad:
+            return False
+        if self.bias is not None and (self.bias.requires_grad or self.bias.dtype != x.dtype):
+            return False
+        return (x.dtype == self.weight.dtype == self.lora_a.dtype == self.lora_b.dtype
+                and not torch.is_autocast_enabled(x.device.type))
 
     def effective_weight(self) -> torch.Tensor:
         """The adapted [out, in] matrix, for callers that apply the head as a weight (the fused loss path). Such a

@@ -17,7 +17,7 @@ from preflexor.sampler import generate, generate_ex
 
 RAGGED = [[5, 17, 99, 3, 42, 8, 77], [11, 12], [64, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 120], [7]]
 SAME_LEN = [[5, 17, 99, 3], [11, 12, 13, 14]]
-ATOL = 1e-4
+ATOL, RTOL = 2e-4, 1e-4  # float32, different GEMM kernels (oneDNN, MKL, OpenBLAS) and summation orders
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def assert_same_run(monkeypatch, model, prompts, **kw):
     assert len(got) == len(want)
     for step, (g, w) in enumerate(zip(got, want)):
         assert g.dtype == torch.float32 and g.shape == w.shape
-        torch.testing.assert_close(g, w, atol=ATOL, rtol=0, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
     return fast
 
 

@@ -110,6 +110,52 @@ def test_lora_linear_merge_exact_and_idempotent():
             pass
 
 
+def _plain_forward(module: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The textbook LoRA forward with autograd's own ops: x W^T + b + scale B A drop(x)."""
+    y = F.linear(x, module.weight, module.bias)
+    return y + F.linear(F.linear(module.dropout(x), module.lora_a), module.lora_b) * module.scale
+
+
+@pytest.mark.parametrize("bias,dropout,shape", [(False, 0.0, (3, 10)), (True, 0.0, (2, 5, 7)), (True, 0.3, (4, 9))])
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_fused_lora_linear_equals_plain_autograd(monkeypatch, bias, dropout, shape, onednn):
+    """`_FrozenLoRALinear` (the CPU fp32 training path: one GEMM + addmm, its own backward) == the plain ops, output
+    and the gradients of x, A and B (1e-5), with dropout drawn from the same seed; the frozen W gets none."""
+    monkeypatch.setenv("PREFLEXOR_ONEDNN", onednn)
+    torch.manual_seed(0)
+    m = LoRALinear(nn.Linear(48, 80, bias=bias), r=6, alpha=12, dropout=dropout).train()
+    nn.init.normal_(m.lora_b, std=0.5)
+    x = torch.randn(*shape, 48, requires_grad=True)
+    w_out = torch.randn(*shape, 80)
+    results = []
+    for forward in (m.forward, lambda t: _plain_forward(m, t)):
+        torch.manual_seed(7)
+        y = forward(x)
+        grads = torch.autograd.grad((y * w_out).sum(), (x, m.lora_a, m.lora_b))
+        results.append((y, grads, type(y.grad_fn).__name__))
+    (y, grads, name), (y_ref, grads_ref, _) = results
+    assert name == "_FrozenLoRALinearBackward"
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    assert m.weight.grad is None
+
+
+def test_fused_lora_linear_falls_back_where_it_does_not_apply():
+    """A trainable base weight, or a disabled adapter, keeps the plain ops (same numbers as the textbook forward)."""
+    torch.manual_seed(0)
+    m = LoRALinear(nn.Linear(16, 8), r=2, alpha=4)
+    x = torch.randn(3, 16, requires_grad=True)
+    assert type(m(x).grad_fn).__name__ == "_FrozenLoRALinearBackward"
+    m.weight.requires_grad_(True)
+    y = m(x)
+    assert type(y.grad_fn).__name__ != "_FrozenLoRALinearBackward"
+    torch.testing.assert_close(y, _plain_forward(m, x))
+    m.weight.requires_grad_(False)
+    with disable_lora(m):
+        torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-6, rtol=1e-6)
+
+
 def test_apply_lora_rejects_bad_input():
     with pytest.raises(UserError, match="unknown target 'qkv_proj'"):
         apply_lora(tiny(True), r=4, alpha=8, targets=["q_proj", "qkv_proj"])
