@@ -131,7 +131,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * D, H, bias=cfg.attention_bias and cfg.model_type != "qwen2")
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos=None, attn_mask=None):
+    def forward(self, x, cos, sin, input_pos=None, attn_mask=None, prefix=None, want_kv=False):
+        """prefix: (k, v) of earlier tokens, (B, n_kv, P, D) after RoPE, put before this call's keys (the caller's
+        attn_mask covers P + T slots); want_kv: also return this call's own (k, v), e.g. a prompt's, to be a prefix."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
@@ -139,17 +141,23 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
         q = (q * cos + rotate_half(q) * sin).to(v.dtype)
         k = (k * cos + rotate_half(k) * sin).to(v.dtype)
+        own = (k, v)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, D)
-        if self.n_kv != self.n_head:  # grouped-query attention: share each kv head across n_head/n_kv query heads
+        if prefix is not None:
+            k, v = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)  # (B, nkv, P + T, D)
+        # grouped-query attention (each kv head serves n_head/n_kv query heads): the CPU kernel takes the grouped k/v
+        # as they are (no expanded copies saved for the backward); elsewhere they are expanded
+        gqa = self.n_kv != self.n_head and x.device.type == "cpu"
+        if self.n_kv != self.n_head and not gqa:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, S, D)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*D)
-        return self.o_proj(y)
+        return (self.o_proj(y), own) if want_kv else self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -171,9 +179,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, input_pos=None, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, attn_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, input_pos=None, attn_mask=None, prefix=None, want_kv=False):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, attn_mask, prefix, want_kv)
+        a, kv = a if want_kv else (a, None)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, kv) if want_kv else x
 
 
 class KVCache(nn.Module):
@@ -283,14 +294,20 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, prefix_kv: list | None = None, return_kv: bool = False):
         """input_ids (B, T) -> logits (B, T, V), or final-norm hidden states (B, T, H) with `return_hidden`.
 
         input_pos (T,): KV-cache slots to write (enables the cache); position_ids (B, T): RoPE positions (default
         input_pos, else 0..T-1); attn_mask (B, 1, T, S) bool, True = attend (default causal over the T tokens, which
         with a cache requires the caller's mask over the S cache slots).
+        prefix_kv: per layer (k, v) of a prefix computed earlier (with autograd, unlike the cache), put before this
+        call's keys; it needs the caller's attn_mask over P + T slots and position_ids. return_kv: return
+        (output, per-layer (k, v)) so the output of this call can serve as such a prefix (`train.response_token_logps`
+        runs a pair's shared prompt once for both answers this way).
         """
         B, T = input_ids.shape
+        if prefix_kv is not None and (attn_mask is None or position_ids is None):
+            raise ValueError("prefix_kv needs attn_mask (B, 1, T, P + T) and position_ids (B, T)")
         if position_ids is None:
             position_ids = (input_pos if input_pos is not None else torch.arange(T, device=input_ids.device))
             position_ids = position_ids.unsqueeze(0).expand(B, T)
@@ -300,12 +317,17 @@ class Transformer(nn.Module):
             attn_mask = (torch.arange(S, device=input_ids.device)[None, :] <= input_pos[:, None])[None, None]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        for layer in self.model.layers:
+        kvs = []
+        for i, layer in enumerate(self.model.layers):
+            args = (x, cos, sin, input_pos, attn_mask, None if prefix_kv is None else prefix_kv[i], return_kv)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, input_pos, attn_mask)
+                x = layer(*args)
+            if return_kv:
+                x, kv = x
+                kvs.append(kv)
         x = self.model.norm(x)
-        if return_hidden:
-            return x
-        return F.linear(x, self.head_weight(), self.head_bias())
+        if not return_hidden:
+            x = F.linear(x, self.head_weight(), self.head_bias())
+        return (x, kvs) if return_kv else x

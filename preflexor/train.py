@@ -27,6 +27,9 @@ from preflexor.logprobs import sequence_logps, token_logps
 from preflexor.losses import LossSpec
 from preflexor.utils import append_jsonl, atomic_dir, atomic_write_json, save_png
 
+SHARE_PROMPT_ENV = "PREFLEXOR_SHARE_PROMPT"  # "0": one forward per half of the batch (for A/B timing)
+MERGE_SLACK = 1.15  # chosen and rejected answers run as one block when padding adds at most 15% positions
+
 # -- device, precision, distributed ------------------------------------------------------------------------------
 
 
@@ -161,33 +164,86 @@ def set_lr(optimizer, base_lr: float, factor: float) -> float:
 def response_token_logps(model, batch: dict, rt: Runtime) -> torch.Tensor:
     """Log-prob of every response token of a collated batch ([2B, T] from `data.collate_pairs`, 0.0 elsewhere).
 
-    Two forwards, one per half, each cut to its own longest row: a short rejected answer (stage 1: the model's direct
-    answer) is not padded to the length of a long chosen one with its thinking block. Rows are right padded and
-    attention is causal, so the cut changes no real token's hidden state. The head then runs only on rows that
+    The pair's shared prompt runs once and each half's answers attend to its keys/values (`_hidden_shared_prompt`);
+    where the prompts' lengths differ so much that this costs more positions, two forwards run instead, one per half,
+    each cut to its own longest row. Either way a short rejected answer (stage 1: the model's direct answer) is not
+    padded to the length of a long chosen one with its thinking block. Rows are right padded and attention is causal,
+    so the cut changes no real token's hidden state. The head then runs only on rows that
     predict a response token (`targets != -100`), through the chunked `token_logps` (never the full [tokens, vocab]
     logits); a head that trains only new-token rows (stage 1) goes in as a constant matrix plus those rows, so no
     [V, H] gradient is formed."""
     ids, targets = batch["input_ids"].to(rt.device), batch["targets"].to(rt.device)
     lengths = batch["attention_mask"].sum(dim=1)  # (2B,)
     B2, T = ids.shape
-    picked, labels, where = [], [], []
-    for half in (slice(0, B2 // 2), slice(B2 // 2, B2)):
-        t = max(int(lengths[half].max()), 1)
-        with rt.autocast_ctx():
-            hidden = model(ids[half, :t], return_hidden=True)  # (B, t, H)
-        sel = targets[half, :t] != -100  # (B, t) rows that predict a response token
-        picked.append(hidden[sel])  # (n, H)
-        labels.append(targets[half, :t][sel])  # (n,)
-        full = torch.zeros(B2 // 2, T, dtype=torch.bool, device=ids.device)
-        full[:, :t] = sel
-        where.append(full)
-    hidden = torch.cat(picked)  # (n_chosen + n_rejected, H)
+    where = (targets != -100)  # (2B, T) positions that predict a response token, row-major = the order picked below
+    if _share_prompt(batch, lengths):
+        hidden = _hidden_shared_prompt(model, ids, targets, batch["prompt_lens"].to(rt.device),
+                                       batch["response_lens"].to(rt.device), rt)
+    else:
+        picked = []
+        for half in (slice(0, B2 // 2), slice(B2 // 2, B2)):
+            t = max(int(lengths[half].max()), 1)
+            with rt.autocast_ctx():
+                hidden = model(ids[half, :t], return_hidden=True)  # (B, t, H)
+            picked.append(hidden[where[half, :t]])  # (n, H)
+        hidden = torch.cat(picked)  # (n_chosen + n_rejected, H)
+    labels = targets[where]
     weight, rows, row_weight = model.head_parts()
     if rt.autocast is None:  # fp32 log-probs for fp32 or bf16 weights without autocast (evaluation of a bf16 model)
         hidden, weight = hidden.float(), weight.float()
         row_weight = None if row_weight is None else row_weight.float()
-    tl = token_logps(hidden, weight, torch.cat(labels), rows=rows, row_weight=row_weight)  # (n,)
-    return torch.zeros(B2, T, dtype=tl.dtype, device=tl.device).masked_scatter(torch.cat(where), tl)  # (2B, T)
+    tl = token_logps(hidden, weight, labels, rows=rows, row_weight=row_weight)  # (n,)
+    return torch.zeros(B2, T, dtype=tl.dtype, device=tl.device).masked_scatter(where, tl)  # (2B, T)
+
+
+def _share_prompt(batch: dict, lengths: torch.Tensor) -> bool:
+    """Run the pair's common prompt once (`_hidden_shared_prompt`) when that means fewer token positions than one
+    forward per half: prompts of different lengths pad the response blocks' keys, and the per-half forwards win."""
+    if "prompt_lens" not in batch or "response_lens" not in batch or os.environ.get(SHARE_PROMPT_ENV, "1") == "0":
+        return False
+    plens, rlens = batch["prompt_lens"], batch["response_lens"]
+    B = len(plens) // 2
+    if not torch.equal(plens[:B], plens[B:]):
+        return False
+    shared = int(plens.max()) + int(rlens[:B].max()) + int(rlens[B:].max())
+    return shared < int(lengths[:B].max()) + int(lengths[B:].max())
+
+
+def _hidden_shared_prompt(model, ids, targets, plens, rlens, rt: Runtime) -> torch.Tensor:
+    """Final hidden states that predict the response tokens, in `targets != -100` row-major order, with each pair's
+    prompt run once: the prompts' forward returns every layer's keys/values, and the answers run as blocks that
+    attend to them (RoPE positions continue from each prompt's length; a mask hides the prompt block's slots past a
+    row's own prompt). Chosen and rejected answers of similar lengths run as one block of 2B rows (bigger GEMMs, half
+    the ops); otherwise one block per half, so a short answer is not padded to a long one. Gradients from both
+    answers meet in the prompt's activations. The same numbers as the per-half forwards, up to float rounding (a test
+    holds them equal)."""
+    B2, T = ids.shape
+    B = B2 // 2
+    P = plens[:B]  # chosen row b and rejected row B + b share prompt b (data.collate_pairs)
+    Pmax, dev = int(P.max()), ids.device
+    with rt.autocast_ctx():
+        h_prompt, kvs = model(ids[:B, :Pmax], return_hidden=True, return_kv=True)  # causal; (B, Pmax, H)
+    last = h_prompt[torch.arange(B, device=dev), P - 1]  # (B, H): predicts each response's first token
+    prompt_keys = torch.arange(Pmax, device=dev)[None, :] < P[:, None]  # (B, Pmax)
+    longest = [max(int(rlens[:B].max()), 1), max(int(rlens[B:].max()), 1)]
+    if 2 * max(longest) <= MERGE_SLACK * sum(longest):  # one block for both halves
+        groups = [(slice(0, B2), 2, [(torch.cat([k, k]), torch.cat([v, v])) for k, v in kvs])]
+    else:
+        groups = [(slice(0, B), 1, kvs), (slice(B, B2), 1, kvs)]
+    picked = []
+    for rows, copies, prefix in groups:
+        R, Pr, keys, first = rlens[rows], P.repeat(copies), prompt_keys.repeat(copies, 1), last.repeat(copies, 1)
+        n, Rmax = len(R), max(int(R.max()), 1)
+        j = torch.arange(Rmax, device=dev)
+        pos = Pr[:, None] + j[None, :]  # (n, Rmax) sequence positions of the response tokens
+        resp = ids[rows].gather(1, pos.clamp(max=T - 1))
+        causal = torch.ones(Rmax, Rmax, dtype=torch.bool, device=dev).tril()
+        mask = torch.cat([keys[:, None, :].expand(n, Rmax, Pmax), causal.expand(n, Rmax, Rmax)], dim=2)
+        with rt.autocast_ctx():
+            h = model(resp, position_ids=pos, attn_mask=mask[:, None], prefix_kv=prefix, return_hidden=True)
+        h = torch.cat([first[:, None], h[:, :Rmax - 1]], dim=1)  # (n, Rmax, H): row j predicts response token j
+        picked.append(h[j[None, :] < R[:, None]])
+    return torch.cat(picked)
 
 
 def policy_logps(model, batch: dict, spec: LossSpec, rt: Runtime) -> dict:

@@ -175,9 +175,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_llama_dir):
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
 
 
-def test_response_token_logps_equals_one_padded_forward(tiny_llama_dir):
-    """Per-half trimmed forwards + head on labelled rows == one forward over the whole padded batch + full logits,
-    for a long chosen and a short rejected answer, with new-token rows trained (values and every gradient)."""
+@pytest.mark.parametrize("prompts,rejected,share,checkpointing,forwards", [
+    ((7, 11, 4), (5, 2, 9), None, False, 2),  # prompts of different lengths: the per-half forwards are cheaper
+    ((7, 11, 4), (5, 2, 9), True, False, 3),  # shared prompt forced: the mask hides the prompt block's padding
+    ((9, 9, 9), (5, 2, 9), None, False, 3),  # equal prompts: shared; answers of unequal lengths: one block per half
+    ((9, 9, 9), (5, 2, 9), None, True, 3),  # ... under gradient checkpointing (keys/values leave checkpointed layers)
+    ((7, 11, 4), (50, 64, 70), True, False, 2),  # answers of similar lengths: chosen + rejected in one block
+    ((9, 9, 9), (50, 64, 70), None, True, 2),
+])
+def test_response_token_logps_equals_one_padded_forward(tiny_llama_dir, monkeypatch, prompts, rejected, share,
+                                                        checkpointing, forwards):
+    """Head on labelled rows after the shared-prompt forward or the per-half trimmed forwards == one forward over the
+    whole padded batch + full logits, for a long chosen and a short rejected answer, with new-token rows trained
+    (values and every gradient)."""
+    from preflexor import train
     from preflexor.checkpoint import load_model_and_tokenizer
     from preflexor.data import collate_pairs
     from preflexor.logprobs import token_logps_reference
@@ -197,12 +208,23 @@ def test_response_token_logps_equals_one_padded_forward(tiny_llama_dir):
     ex = [{"prompt_ids": torch.randint(3, 1000, (p,), generator=g).tolist(),
            "chosen_ids": [think[0]] + torch.randint(3, 1000, (c,), generator=g).tolist() + [think[1], 5],
            "rejected_ids": torch.randint(3, 1000, (r,), generator=g).tolist()}
-          for p, c, r in ((7, 60, 5), (11, 33, 2), (4, 70, 9))]
+          for p, c, r in zip(prompts, (60, 33, 70), rejected)]
     batch = collate_pairs(ex, tok.pad_id)
     rt = setup_runtime("cpu", "float32", verbose=False)
     params = [p for p in model.parameters() if p.requires_grad]
+    chose = train._share_prompt
+    taken = []
+    monkeypatch.setattr(train, "_share_prompt", lambda *a: taken.append(chose(*a) if share is None else share)
+                        or taken[-1])
+    model.train()
+    model.gradient_checkpointing = checkpointing
 
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
     tl = response_token_logps(model, batch, rt)
+    hook.remove()
+    assert taken == [share or len(set(prompts)) == 1] and len(calls) == forwards
+    model.gradient_checkpointing = False
     grads = torch.autograd.grad((tl * torch.linspace(0.5, 1.5, tl.numel()).view_as(tl)).sum(), params)
     hidden = model(batch["input_ids"], return_hidden=True)  # (2B, T, H) one padded forward
     ref = token_logps_reference(hidden, model.head_weight(), batch["targets"])
