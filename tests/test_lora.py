@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from preflexor.errors import UserError
 from preflexor.lora import (LoRAEmbedding, LoRALinear, PROJECTIONS, apply_lora, count_trainable, disable_lora,
                             load_adapter, load_lora_state_dict, load_new_rows, lora_parameters, lora_state_dict, merge_lora,
-                            new_rows_state_dict, print_trainable, save_adapter, train_new_token_rows,
+                            new_rows_state_dict, print_trainable, project, save_adapter, train_new_token_rows,
                             trainable_parameters)
 from preflexor.model import ModelConfig, Transformer
 
@@ -86,7 +86,7 @@ def test_init_equals_base_step_keeps_base_disable_and_merge(tied):
     assert model.lm_head is not None and not model.config.tie_word_embeddings  # tied head got its own delta
     with torch.no_grad():
         merged = model(x)
-    torch.testing.assert_close(merged, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, logits, atol=1e-5, rtol=1e-5)
     once = base_state(model)
     merge_lora(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in once.items())  # idempotent
@@ -104,7 +104,7 @@ def test_lora_linear_merge_exact_and_idempotent():
     assert torch.equal(m.weight, expect)
     m.merge()
     assert torch.equal(m.weight, expect)
-    torch.testing.assert_close(m(x), y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError):
         with disable_lora(nn.Sequential(m)):
             pass
@@ -119,7 +119,7 @@ def _plain_forward(module: LoRALinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bias,dropout,shape", [(False, 0.0, (3, 10)), (True, 0.0, (2, 5, 7)), (True, 0.3, (4, 9))])
 @pytest.mark.parametrize("onednn", ["1", "0"])
 def test_fused_lora_linear_equals_plain_autograd(monkeypatch, bias, dropout, shape, onednn):
-    """`_FrozenLoRALinear` (the CPU fp32 training path: one GEMM + addmm, its own backward) == the plain ops, output
+    """`_FrozenLoRA` (the CPU fp32 training path: one GEMM + addmm, its own backward) == the plain ops, output
     and the gradients of x, A and B (1e-5), with dropout drawn from the same seed; the frozen W gets none."""
     monkeypatch.setenv("PREFLEXOR_ONEDNN", onednn)
     torch.manual_seed(0)
@@ -134,11 +134,35 @@ def test_fused_lora_linear_equals_plain_autograd(monkeypatch, bias, dropout, sha
         grads = torch.autograd.grad((y * w_out).sum(), (x, m.lora_a, m.lora_b))
         results.append((y, grads, type(y.grad_fn).__name__))
     (y, grads, name), (y_ref, grads_ref, _) = results
-    assert name == "_FrozenLoRALinearBackward"
+    assert name == "_FrozenLoRABackward"
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
     assert m.weight.grad is None
+
+
+@pytest.mark.parametrize("dropouts", [(0.0, 0.0, 0.0), (0.0, 0.2, 0.0)])
+def test_project_groups_modules_sharing_an_input(dropouts):
+    """`project(x, q, k, v)`: modules of different widths, ranks, scales and biases in one `_FrozenLoRA` call (or,
+    with a dropout among them, one call each) == each module's textbook forward; gradients of x and every A, B."""
+    torch.manual_seed(0)
+    mods = [LoRALinear(nn.Linear(40, out, bias=bias), r=r, alpha=alpha, dropout=p).train()
+            for out, bias, r, alpha, p in zip((40, 24, 24), (True, False, True), (4, 6, 2), (8, 3, 2), dropouts)]
+    for m in mods:
+        nn.init.normal_(m.lora_b, std=0.5)
+    x = torch.randn(2, 7, 40, requires_grad=True)
+    params = [x] + [t for m in mods for t in (m.lora_a, m.lora_b)]
+    weights = [torch.randn(2, 7, m.out_features) for m in mods]
+    results = []
+    for run in (lambda: project(x, *mods), lambda: [_plain_forward(m, x) for m in mods]):
+        torch.manual_seed(5)
+        ys = run()
+        results.append((ys, torch.autograd.grad(sum((y * w).sum() for y, w in zip(ys, weights)), params)))
+    (ys, grads), (ys_ref, grads_ref) = results
+    grouped = len({y.grad_fn for y in ys}) == 1
+    assert grouped == (max(dropouts) == 0.0)
+    for a, b in zip(list(ys) + list(grads), list(ys_ref) + list(grads_ref)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_lora_linear_falls_back_where_it_does_not_apply():
@@ -146,10 +170,10 @@ def test_fused_lora_linear_falls_back_where_it_does_not_apply():
     torch.manual_seed(0)
     m = LoRALinear(nn.Linear(16, 8), r=2, alpha=4)
     x = torch.randn(3, 16, requires_grad=True)
-    assert type(m(x).grad_fn).__name__ == "_FrozenLoRALinearBackward"
+    assert type(m(x).grad_fn).__name__ == "_FrozenLoRABackward"
     m.weight.requires_grad_(True)
     y = m(x)
-    assert type(y.grad_fn).__name__ != "_FrozenLoRALinearBackward"
+    assert type(y.grad_fn).__name__ != "_FrozenLoRABackward"
     torch.testing.assert_close(y, _plain_forward(m, x))
     m.weight.requires_grad_(False)
     with disable_lora(m):
@@ -222,7 +246,7 @@ def test_new_token_rows_only_those_rows_train(tied):
     merge_lora(model)
     assert (model.lm_head is None) == tied
     with torch.no_grad():
-        torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
 
 
 def pairs_batch(seed: int = 5) -> dict:
@@ -400,6 +424,9 @@ def ours_from(d) -> Transformer:
     return load_model(d).eval()
 
 
+# logits reach |14| here (weights scaled up); float32 rounding of the two LoRA formulations (our base GEMM + addmm
+# with the A matrices of q/k/v as one GEMM, peft's separate products) differs by up to 5e-5
+PEFT_ATOL = 1e-4
 QUIET = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's tied-weights notes
 
 
@@ -428,10 +455,10 @@ def test_peft_adapter_loads_into_ours(hf, tmp_path, tied, targets, rows):
         with pm.disable_adapter():
             theirs_base = pm(input_ids=x).logits
     assert (theirs - theirs_base).abs().max() > 1e-2  # the adapter matters, so the comparison can fail
-    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mine, theirs, atol=PEFT_ATOL, rtol=1e-5)
     if not rows:  # peft also disables trainable tokens; ours keeps them (they belong to the stage-1 model)
         with torch.no_grad(), disable_lora(ours):
-            torch.testing.assert_close(ours(x), theirs_base, atol=1e-5, rtol=0)
+            torch.testing.assert_close(ours(x), theirs_base, atol=PEFT_ATOL, rtol=1e-5)
 
 
 @QUIET
@@ -457,4 +484,4 @@ def test_our_adapter_loads_into_peft(hf, tmp_path, tied, targets, rows):
         mine, theirs = ours(x), pm(input_ids=x).logits
         base = ours_from(tmp_path / "base")(x)
     assert (mine - base).abs().max() > 1e-2
-    torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs, mine, atol=PEFT_ATOL, rtol=1e-5)

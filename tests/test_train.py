@@ -263,3 +263,16 @@ def test_new_token_rows_get_their_own_learning_rate(tiny_llama_dir):
     assert float(moved_a) == pytest.approx(5e-5 + 5e-5 * 0.01 * float(before_a.abs().max()), rel=1e-2)
     default = build_optimizer(model, 1e-4, 0.0, torch.device("cpu"))
     assert {g["lr"] for g in default.param_groups} == {1e-4}
+
+
+def test_keep_freed_memory_respects_glibc_switches(monkeypatch):
+    """The CPU runtime keeps freed blocks in glibc's heap, unless the user set glibc's own thresholds."""
+    import platform
+
+    from preflexor.train import keep_freed_memory
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert keep_freed_memory() is False
