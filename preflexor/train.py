@@ -139,7 +139,8 @@ def all_reduce_mean(x: float, rt: Runtime) -> float:
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
                     new_rows_lr: float | None = None):
-    """AdamW over the trainable parameters (fused on CUDA and the CPU); no weight decay on norms, biases and other 1-D tensors.
+    """AdamW over the trainable parameters (fused, on CUDA and the CPU); no weight decay on norms, biases and other
+    1-D tensors.
 
     The trained rows of new tokens get no decay either, and their own learning rate `new_rows_lr` (None = `lr`): they
     start at the mean embedding, so through the tied head a new token's logit starts some 20 nats below the likely
