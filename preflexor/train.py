@@ -193,16 +193,15 @@ def response_token_logps(model, batch: dict, rt: Runtime) -> torch.Tensor:
     where the prompts' lengths differ so much that this costs more positions, two forwards run instead, one per half,
     each cut to its own longest row. Either way a short rejected answer (stage 1: the model's direct answer) is not
     padded to the length of a long chosen one with its thinking block. Rows are right padded and attention is causal,
-    so the cut changes no real token's hidden state. The head then runs only on rows that
-    predict a response token (`targets != -100`), through the chunked `token_logps` (never the full [tokens, vocab]
-    logits); a head that trains only new-token rows (stage 1) goes in as a constant matrix plus those rows, so no
-    [V, H] gradient is formed."""
+    so the cut changes no real token's hidden state. The head then runs only on rows that predict a response token
+    (`targets != -100`), through the chunked `token_logps` (never the full [tokens, vocab] logits); a head that trains
+    only new-token rows (stage 1) goes in as a constant matrix plus those rows, so no [V, H] gradient is formed."""
     ids, targets = batch["input_ids"].to(rt.device), batch["targets"].to(rt.device)
     lengths = batch["attention_mask"].sum(dim=1)  # (2B,)
     B2, T = ids.shape
     where = (targets != -100)  # (2B, T) positions that predict a response token, row-major = the order picked below
     if _share_prompt(batch, lengths):
-        hidden = _hidden_shared_prompt(model, ids, targets, batch["prompt_lens"].to(rt.device),
+        hidden = _hidden_shared_prompt(model, ids, batch["prompt_lens"].to(rt.device),
                                        batch["response_lens"].to(rt.device), rt)
     else:
         picked = []
@@ -234,7 +233,7 @@ def _share_prompt(batch: dict, lengths: torch.Tensor) -> bool:
     return shared < int(lengths[:B].max()) + int(lengths[B:].max())
 
 
-def _hidden_shared_prompt(model, ids, targets, plens, rlens, rt: Runtime) -> torch.Tensor:
+def _hidden_shared_prompt(model, ids, plens, rlens, rt: Runtime) -> torch.Tensor:
     """Final hidden states that predict the response tokens, in `targets != -100` row-major order, with each pair's
     prompt run once: the prompts' forward returns every layer's keys/values, and the answers run as blocks that
     attend to them (RoPE positions continue from each prompt's length; a mask hides the prompt block's slots past a
