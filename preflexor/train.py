@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from preflexor.errors import UserError
 from preflexor.logprobs import sequence_logps, token_logps
 from preflexor.losses import LossSpec
+from preflexor.model import SharedPrompt
 from preflexor.utils import append_jsonl, atomic_dir, atomic_write_json, save_png
 
 SHARE_PROMPT_ENV = "PREFLEXOR_SHARE_PROMPT"  # "0": one forward per half of the batch (for A/B timing)
@@ -235,39 +236,37 @@ def _share_prompt(batch: dict, lengths: torch.Tensor) -> bool:
 
 def _hidden_shared_prompt(model, ids, plens, rlens, rt: Runtime) -> torch.Tensor:
     """Final hidden states that predict the response tokens, in `targets != -100` row-major order, with each pair's
-    prompt run once: the prompts' forward returns every layer's keys/values, and the answers run as blocks that
-    attend to them (RoPE positions continue from each prompt's length; a mask hides the prompt block's slots past a
-    row's own prompt). Chosen and rejected answers of similar lengths run as one block of 2B rows (bigger GEMMs, half
-    the ops); otherwise one block per half, so a short answer is not padded to a long one. Gradients from both
-    answers meet in the prompt's activations. The same numbers as the per-half forwards, up to float rounding (a test
-    holds them equal)."""
+    prompt run once: one packed forward over the answers and then the prompts (`model.SharedPrompt`), where the
+    answers attend to their prompt's keys (RoPE positions continue from each prompt's length) and every per-token op
+    runs over all of them as one matrix. Chosen and rejected answers of similar lengths form one block of 2B rows;
+    otherwise one block per half, so a short answer is not padded to a long one. Gradients from both answers meet in
+    the prompt's activations. The same numbers as the per-half forwards, up to float rounding (a test holds them
+    equal)."""
     B2, T = ids.shape
     B = B2 // 2
     P = plens[:B]  # chosen row b and rejected row B + b share prompt b (data.collate_pairs)
     Pmax, dev = int(P.max()), ids.device
-    with rt.autocast_ctx():
-        h_prompt, kvs = model(ids[:B, :Pmax], return_hidden=True, return_kv=True)  # causal; (B, Pmax, H)
-    last = h_prompt[torch.arange(B, device=dev), P - 1]  # (B, H): predicts each response's first token
-    prompt_keys = torch.arange(Pmax, device=dev)[None, :] < P[:, None]  # (B, Pmax)
     longest = [max(int(rlens[:B].max()), 1), max(int(rlens[B:].max()), 1)]
-    if 2 * max(longest) <= MERGE_SLACK * sum(longest):  # one block for both halves
-        groups = [(slice(0, B2), 2, [(torch.cat([k, k]), torch.cat([v, v])) for k, v in kvs])]
-    else:
-        groups = [(slice(0, B), 1, kvs), (slice(B, B2), 1, kvs)]
-    picked = []
-    for rows, copies, prefix in groups:
-        R, Pr, keys, first = rlens[rows], P.repeat(copies), prompt_keys.repeat(copies, 1), last.repeat(copies, 1)
-        n, Rmax = len(R), max(int(R.max()), 1)
-        j = torch.arange(Rmax, device=dev)
-        pos = Pr[:, None] + j[None, :]  # (n, Rmax) sequence positions of the response tokens
-        resp = ids[rows].gather(1, pos.clamp(max=T - 1))
-        causal = torch.ones(Rmax, Rmax, dtype=torch.bool, device=dev).tril()
-        mask = torch.cat([keys[:, None, :].expand(n, Rmax, Pmax), causal.expand(n, Rmax, Rmax)], dim=2)
-        with rt.autocast_ctx():
-            h = model(resp, position_ids=pos, attn_mask=mask[:, None], prefix_kv=prefix, return_hidden=True)
-        h = torch.cat([first[:, None], h[:, :Rmax - 1]], dim=1)  # (n, Rmax, H): row j predicts response token j
-        picked.append(h[j[None, :] < R[:, None]])
-    return torch.cat(picked)
+    groups = [slice(0, B2)] if 2 * max(longest) <= MERGE_SLACK * sum(longest) else [slice(0, B), slice(B, B2)]
+    blocks = [(len(rlens[rows]), max(int(rlens[rows].max()), 1)) for rows in groups]  # (answers n, length R)
+    tail = sum(n * R for n, R in blocks)  # the prompts' first packed row
+    tokens, positions, index, a = [], [], [], 0
+    for rows, (n, R) in zip(groups, blocks):
+        j, i = torch.arange(R, device=dev)[None, :], torch.arange(n, device=dev)[:, None]
+        pos = plens[rows][:, None] + j  # (n, R) sequence positions of the response tokens
+        tokens.append(ids[rows].gather(1, pos.clamp(max=T - 1)))
+        positions.append(pos)
+        # answer i's token j is predicted by its own token j - 1, token 0 by the last token of its prompt
+        at = torch.where(j == 0, tail + i % B * Pmax + plens[rows][:, None] - 1, a + i * R + j - 1)
+        index.append(at[j < rlens[rows][:, None]])
+        a += n * R
+    tokens.append(ids[:B, :Pmax])
+    positions.append(torch.arange(Pmax, device=dev).expand(B, Pmax))
+    layout = SharedPrompt(blocks, torch.arange(Pmax, device=dev)[None, :] < P[:, None])
+    packed_ids, packed_pos = (torch.cat([t.reshape(-1) for t in ts])[None] for ts in (tokens, positions))
+    with rt.autocast_ctx():
+        h = model(packed_ids, position_ids=packed_pos, attn_mask=layout, return_hidden=True)[0]  # (N, H)
+    return h[torch.cat(index)]
 
 
 def policy_logps(model, batch: dict, spec: LossSpec, rt: Runtime) -> dict:

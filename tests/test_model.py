@@ -115,3 +115,54 @@ def test_cached_and_uncached_greedy_decoding_agree(case, tmp_path, hf_tiny_model
         cached = greedy_cached(model, prompt, 20)
     assert cached == uncached
     assert len(set(uncached)) > 3  # the continuation is not one repeated token
+
+
+def test_rms_norm_backward_matches_autograd():
+    """`_RMSNormCPU` (hand-written backward, used for float32 on the CPU when training) == autograd through
+    F.rms_norm: gradcheck in float64, and float32 values and gradients of x and a trainable weight."""
+    from preflexor.model import RMSNorm, _RMSNormCPU
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormCPU.apply(a, b, 1e-5), (x, w))
+
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3, generator=g)
+    x = (torch.randn(3, 5, 64, generator=g) * 4).requires_grad_()
+    up = torch.randn(3, 5, 64, generator=g)
+    y = norm(x)
+    assert y.grad_fn.name() == "_RMSNormCPUBackward"
+    gx, gw = torch.autograd.grad((y * up).sum(), (x, norm.weight))
+    ref = torch.nn.functional.rms_norm(x, (64,), norm.weight, 1e-5)
+    rx, rw = torch.autograd.grad((ref * up).sum(), (x, norm.weight))
+    assert_close(y, ref, atol=0, rtol=0)  # the forward is F.rms_norm itself
+    assert_close(gx, rx, atol=1e-6, rtol=1e-5)
+    assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+
+
+def test_apply_rope_matches_the_rotate_half_formula():
+    """`apply_rope` (one output written in halves, backward = rotation by -sin) == x cos + rotate_half(x) sin, values
+    and gradients bit for bit, on a transposed (B, heads, T, D) view as the attention passes it; mixed dtypes take the
+    formula."""
+    from preflexor.model import _Rope, apply_rope, rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    c, s = torch.randn(3, 4, dtype=torch.float64, generator=g), torch.randn(3, 4, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda a: _Rope.apply(a, c, s), (x,))
+
+    freqs = torch.arange(7.0)[:, None] * torch.rand(16, generator=g)  # (T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos()[None, None], emb.sin()[None, None]  # (1, 1, T, D)
+    x = torch.randn(2, 7, 3, 32, generator=g).transpose(1, 2).requires_grad_()  # (B, heads, T, D) view
+    up = torch.randn(2, 3, 7, 32, generator=g)
+    y = apply_rope(x, cos, sin)
+    ref = x * cos + rotate_half(x) * sin
+    assert y.stride() == x.stride()
+    assert_close(y, ref, atol=0, rtol=0)  # the formula's roundings, bit for bit (HF parity holds at 1e-5)
+    assert_close(torch.autograd.grad((y * up).sum(), x)[0], torch.autograd.grad((ref * up).sum(), x)[0],
+                 atol=0, rtol=0)
+    xb = x.detach().bfloat16()
+    assert_close(apply_rope(xb, cos, sin), (xb * cos + rotate_half(xb) * sin).bfloat16())
