@@ -236,17 +236,19 @@ class SharedPrompt:
     The packed tokens are answer blocks first, then the prompts: `blocks` lists (rows n, length R) per block, its n
     answers of R tokens (right padded) in order, answer i continuing prompt i % Bp; then Bp prompts of P tokens (right
     padded; `keys` (Bp, P) marks the real ones). Prompts attend causally to themselves; answers attend to their
-    prompt's real tokens and causally to themselves (`masks`: one (n, 1, R, P + R) bool mask per block)."""
+    prompt's real tokens and causally to themselves (`masks`: one (n or 1, 1, R, P + R) bool mask per block)."""
     blocks: list[tuple[int, int]]
     keys: torch.Tensor
 
     def __post_init__(self):
         Bp, P = self.keys.shape
         self.masks, self._additive = [], {}
+        full = bool(self.keys.all())  # prompts of one length: one (1, 1, R, P + R) mask serves every row
         for n, R in self.blocks:
             causal = torch.ones(R, R, dtype=torch.bool, device=self.keys.device).tril()
-            prompt = self.keys.repeat(n // Bp, 1)[:, None, :].expand(n, R, P)
-            self.masks.append(torch.cat([prompt, causal.expand(n, R, R)], dim=2)[:, None])
+            rows = 1 if full else n
+            prompt = (self.keys[:1] if full else self.keys.repeat(n // Bp, 1))[:, None, :].expand(rows, R, P)
+            self.masks.append(torch.cat([prompt, causal.expand(rows, R, R)], dim=2)[:, None])
 
     @property
     def length(self) -> int:
