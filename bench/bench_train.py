@@ -28,11 +28,14 @@ whole-process peak (ours never imports transformers/trl/peft). `train_growth_mb`
 during the training steps (VmHWM, reset through /proc/self/clear_refs when training starts) minus the RSS then.
 
 Runs are interleaved (repeat 1: ours, trl; repeat 2: ours, trl; ...) so both see similar machine load; the load
-average at the start and end of each configuration is recorded. One JSON line per (loss, gc) configuration on stdout:
+average at the start and end of each configuration is recorded. With `--lockstep` both workers of a repeat stay
+alive and take single steps in turn (the other waits, idle), which pairs every step with one of the peer's under the
+same machine conditions (`ratio_tokens_per_s_paired_steps`). One JSON line per (loss, gc) configuration on stdout:
 per framework medians with min-max over repeats, and ours/TRL ratios.
 
     python bench/bench_train.py                                  # orpo,exo x gc 0,1 x 3 repeats (about 1 h quiet)
     python bench/bench_train.py --losses orpo --gc 0 --repeats 1 # quick
+    python bench/bench_train.py --losses orpo,exo --gc 0 --repeats 2 --steps 6 --warmup 1 --lockstep  # README
     python bench/bench_train.py --profile --losses orpo --gc 0   # torch.profiler table of our step (top ops)
 """
 from __future__ import annotations
@@ -167,6 +170,19 @@ def _ours_step(model, batch, spec, name, rt, optimizer, trainable) -> float:
     return sums["loss"]
 
 
+def _lockstep_wait(args, i: int) -> None:
+    """--lockstep: announce step i, then block until the driver says go (the other framework's process is idle
+    meanwhile, so the two alternate step by step under the same machine conditions)."""
+    if args.lockstep:
+        print(json.dumps({"wait": i}), flush=True)
+        sys.stdin.readline()
+
+
+def _lockstep_done(args, i: int, wall: float) -> None:
+    if args.lockstep:
+        print(json.dumps({"done": i, "wall": wall}), flush=True)
+
+
 def worker_ours(args) -> dict:
     t0 = time.perf_counter()
     load_start = _load()
@@ -181,9 +197,11 @@ def worker_ours(args) -> dict:
     step_s, cpu_s, losses = [], [], []
     for i in range(args.warmup + args.steps):
         batch = collate_pairs(examples[i * PAIRS:(i + 1) * PAIRS], tok.pad_id)
+        _lockstep_wait(args, i)
         w0, c0 = time.perf_counter(), time.process_time()
         losses.append(_ours_step(model, batch, spec, LOSS_NAMES[args.loss], rt, optimizer, trainable))
         w1, c1 = time.perf_counter(), time.process_time()
+        _lockstep_done(args, i, w1 - w0)
         if i >= args.warmup:
             step_s.append(w1 - w0)
             cpu_s.append(c1 - c0)
@@ -228,11 +246,13 @@ def worker_trl(args) -> dict:
             mem.start()
 
         def on_step_begin(self, a, state, control, **kw):
+            _lockstep_wait(args, len(times["wall"]))
             self.w0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             times["wall"].append(time.perf_counter() - self.w0)
             times["cpu"].append(time.process_time() - self.c0)
+            _lockstep_done(args, len(times["wall"]) - 1, times["wall"][-1])
 
     common = dict(output_dir=tempfile.mkdtemp(prefix="bench_train_"), per_device_train_batch_size=PAIRS,
                   gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=LR,
@@ -323,6 +343,15 @@ def profile_ours(loss: str, gc_on: bool, top: int, new_token_rows: bool = False)
 
 
 def run_worker(framework: str, loss: str, gc_on: int, args) -> dict:
+    cmd, env = _worker_cmd_env(framework, loss, gc_on, args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worker_cmd_env(framework: str, loss: str, gc_on: int, args) -> tuple[list[str], dict]:
     cmd = [sys.executable, __file__, "--worker", framework, "--loss", loss, "--gc-one", str(gc_on),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.new_token_rows and framework == "ours":
@@ -338,11 +367,54 @@ def run_worker(framework: str, loss: str, gc_on: int, args) -> dict:
         # kernel instead of fragmenting the heap (peak RSS); both trainers allocate through glibc malloc on CPU
         env.update(MALLOC_MMAP_THRESHOLD_=str(args.malloc_mmap_threshold),
                    MALLOC_TRIM_THRESHOLD_=str(args.malloc_mmap_threshold))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return cmd, env
+
+
+def _read_json_line(proc, key: str) -> dict:
+    """The next stdout line of a worker that is a JSON object holding `key` (other output is skipped)."""
+    for line in proc.stdout:
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(msg, dict) and key in msg:
+            return msg
+    raise RuntimeError(f"worker exited before sending {key!r}")
+
+
+def run_lockstep(loss: str, gc_on: int, args) -> tuple[dict, dict, list[float]]:
+    """Both frameworks' workers alive at once, taking turns step by step (the order alternates every step): paired
+    step times under the same machine conditions. Returns each worker's summary and TRL/ours per timed step."""
+    procs, errs = {}, {}
+    for fw in ("ours", "trl"):
+        cmd, env = _worker_cmd_env(fw, loss, gc_on, args)
+        errs[fw] = tempfile.TemporaryFile(mode="w+")
+        procs[fw] = subprocess.Popen(cmd + ["--lockstep"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=errs[fw], text=True, env=env, cwd=ROOT)
+    walls: dict[str, list[float]] = {"ours": [], "trl": []}
+    try:
+        for i in range(args.warmup + args.steps):
+            order = ("ours", "trl") if i % 2 == 0 else ("trl", "ours")
+            for fw in order:  # both ready (set-ups done, last step finished) before either starts
+                _read_json_line(procs[fw], "wait")
+            for fw in order:
+                procs[fw].stdin.write("go\n")
+                procs[fw].stdin.flush()
+                walls[fw].append(_read_json_line(procs[fw], "done")["wall"])
+        summaries = {fw: _read_json_line(procs[fw], "framework") for fw in procs}
+    except (RuntimeError, BrokenPipeError) as e:
+        failed = {}
+        for fw, p in procs.items():
+            p.kill()
+            p.wait()
+            errs[fw].seek(0)
+            tail = [ln for ln in errs[fw].read().splitlines() if ln.strip()]
+            failed[fw] = {"error": tail[-1] if tail else str(e)}
+        return failed["ours"], failed["trl"], []
+    for p in procs.values():
+        p.wait()
+    paired = [t / o for o, t in zip(walls["ours"][args.warmup:], walls["trl"][args.warmup:])]
+    return summaries["ours"], summaries["trl"], paired
 
 
 def _med(runs: list[dict], key: str) -> dict:
@@ -369,7 +441,14 @@ def aggregate(runs: list[dict]) -> dict:
 def run_config(loss: str, gc_on: int, args) -> dict:
     load_start = _load()
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    paired: list[float] = []
     for _ in range(args.repeats):
+        if args.lockstep:
+            ours, trl, ratios = run_lockstep(loss, gc_on, args)
+            runs["ours"].append(ours)
+            runs["trl"].append(trl)
+            paired += ratios
+            continue
         for fw in ("ours", "trl"):  # interleaved, so both see similar machine load
             runs[fw].append(run_worker(fw, loss, gc_on, args))
     res = {"config": f"{loss}_gc{gc_on}", "loss": loss, "gc": gc_on, "pairs": PAIRS,
@@ -392,6 +471,11 @@ def run_config(loss: str, gc_on: int, args) -> dict:
         # per repeat (ours run i next to TRL run i): the spread of the ratio under changing load
         pairs = [(a, b) for a, b in zip(runs["ours"], runs["trl"]) if "error" not in a and "error" not in b]
         res["ratio_tokens_per_s_per_repeat"] = [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in pairs]
+    if paired:  # --lockstep: TRL's step time over ours, step by step
+        res["lockstep"] = True
+        res["ratio_tokens_per_s_paired_steps"] = {"median": round(statistics.median(paired), 3),
+                                                  "min": round(min(paired), 3), "max": round(max(paired), 3),
+                                                  "n": len(paired)}
     return res
 
 
@@ -414,6 +498,9 @@ def main() -> None:
     ap.add_argument("--malloc-scope", choices=("both", "ours"), default="both",
                     help="which framework's workers get --malloc-mmap-threshold (ours: preview of setting it in "
                          "preflexor's CPU runtime)")
+    ap.add_argument("--lockstep", action="store_true",
+                    help="run each repeat's two workers at once, alternating single steps (paired step times under "
+                         "the same machine conditions; adds ratio_tokens_per_s_paired_steps)")
     ap.add_argument("--profile", action="store_true", help="profile one of our steps per configuration instead")
     ap.add_argument("--top", type=int, default=25, help="ops listed by --profile")
     ap.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)

@@ -166,3 +166,20 @@ def test_apply_rope_matches_the_rotate_half_formula():
                  atol=0, rtol=0)
     xb = x.detach().bfloat16()
     assert_close(apply_rope(xb, cos, sin), (xb * cos + rotate_half(xb) * sin).bfloat16())
+
+
+def test_shared_prompt_layout_is_checked():
+    """A `SharedPrompt` layout describes one packed row of an exact length; anything else is a ValueError."""
+    from preflexor.model import ModelConfig, SharedPrompt, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    layout = SharedPrompt([(4, 3)], torch.tensor([[True, True], [True, False]]))  # 4 answers of 3, 2 prompts of 2
+    assert layout.length == 16 and layout.masks[0].shape == (4, 1, 3, 5)
+    assert bool(layout.masks[0][1, 0, 0, 1]) is False and bool(layout.masks[0][2, 0, 0, 1]) is True  # i % 2 -> prompt
+    ids, pos = torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long)
+    assert model(ids, position_ids=pos, attn_mask=layout).shape == (1, 16, 32)
+    bad = [(ids[:, :15], pos[:, :15]), (ids.expand(2, 16), pos.expand(2, 16)), (ids, None)]  # length, batch, no pos
+    for i, p in bad:
+        with pytest.raises(ValueError, match="SharedPrompt"):
+            model(i, position_ids=p, attn_mask=layout)
