@@ -269,8 +269,8 @@ class SharedPrompt:
         outs = []
         for (n, R), mask, qa, ka, va in zip(self.blocks, self._additive[q.dtype], qs, ks, vs):
             c = n // Bp  # copies of each prompt in this block (2: chosen and rejected)
-            keys = torch.cat([kp.repeat(c, 1, 1, 1), ka], dim=2)  # (n, nkv, P + R, D)
-            values = torch.cat([vp.repeat(c, 1, 1, 1), va], dim=2)
+            kc, vc = (kp, vp) if c == 1 else (kp.repeat(c, 1, 1, 1), vp.repeat(c, 1, 1, 1))
+            keys, values = torch.cat([kc, ka], dim=2), torch.cat([vc, va], dim=2)  # (n, nkv, P + R, D)
             outs.append(attention(qa, keys, values, mask))
         outs.append(attention(qs[-1], kp, vp))
         return torch.cat([y.transpose(1, 2).flatten(0, 1).flatten(1) for y in outs])  # (T, nh*D)
