@@ -190,7 +190,7 @@ def set_lr(optimizer, base_lr: float, factor: float) -> float:
 def response_token_logps(model, batch: dict, rt: Runtime) -> torch.Tensor:
     """Log-prob of every response token of a collated batch ([2B, T] from `data.collate_pairs`, 0.0 elsewhere).
 
-    The pair's shared prompt runs once and each half's answers attend to its keys/values (`_hidden_shared_prompt`);
+    The pair's shared prompt runs once, in one packed forward with both halves' answers (`_hidden_shared_prompt`);
     where the prompts' lengths differ so much that this costs more positions, two forwards run instead, one per half,
     each cut to its own longest row. Either way a short rejected answer (stage 1: the model's direct answer) is not
     padded to the length of a long chosen one with its thinking block. Rows are right padded and attention is causal,
