@@ -168,6 +168,34 @@ def test_apply_rope_matches_the_rotate_half_formula():
     assert_close(apply_rope(xb, cos, sin), (xb * cos + rotate_half(xb) * sin).bfloat16())
 
 
+@pytest.mark.parametrize("tile", [2, 3, 64])
+def test_tiled_attention_equals_sdpa_per_segment(monkeypatch, tile):
+    """`_TiledAttention` (the CPU path: query tiles against only the keys they can see, softmax kept for the
+    backward) == SDPA per segment with the full masks, values and q/k/v gradients: equal prompts (one broadcast mask),
+    unequal prompts (padding keys masked), one merged block or one block per half, grouped-query heads; tiles of 2, 3
+    and 64 positions (so one, several and ragged tiles)."""
+    import preflexor.model as M
+    from preflexor.model import SharedPrompt
+
+    monkeypatch.setattr(M, "TILE_ROWS", tile)
+    g = torch.Generator().manual_seed(0)
+    layouts = [([(4, 5)], [[1, 1, 1], [1, 1, 1]]), ([(4, 5)], [[1, 1, 1], [1, 0, 0]]),
+               ([(2, 7), (2, 3)], [[1, 1, 1], [1, 1, 0]]), ([(2, 7), (2, 3)], [[1, 1, 1], [1, 1, 1]]), ([(1, 4)], [[1, 1]])]
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        for blocks, keys in layouts:
+            keys = torch.tensor(keys, dtype=torch.bool)
+            T = sum(n * R for n, R in blocks) + keys.numel()
+            q, k, v = (torch.randn(T, h, 8, generator=g, dtype=dtype).requires_grad_() for h in (6, 2, 2))
+            up = torch.randn(T, 48, generator=g, dtype=dtype)
+            outs = []
+            for tiled in (True, False):
+                y = SharedPrompt(blocks, keys, tiled=tiled).attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+                outs.append((y, *torch.autograd.grad((y * up).sum(), (q, k, v))))
+            for a, b in zip(*outs):
+                assert_close(a, b, atol=tol, rtol=tol)
+    assert M._tiled_ok(torch.zeros(1)) and not M._tiled_ok(torch.zeros(1, dtype=torch.bfloat16))
+
+
 def test_shared_prompt_layout_is_checked():
     """A `SharedPrompt` layout describes one packed row of an exact length; anything else is a ValueError."""
     from preflexor.model import ModelConfig, SharedPrompt, Transformer
