@@ -70,8 +70,10 @@ def _lse_logp_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, un
     logp = torch.where(valid, picked - lse, 0.0)
     if not unit_grad:
         return lse, logp, None
-    g = x.div_(total[:, None])  # [n, V] softmax
-    return lse, logp, _onehot_minus_(g, labels, valid.to(g.dtype), valid)
+    scale = valid.to(x.dtype)
+    x.mul_((-scale / total)[:, None])  # [n, V] -softmax in one pass (0 on ignored rows)
+    rows = torch.arange(x.shape[0], device=x.device)
+    return lse, logp, x.index_put_((rows, torch.where(valid, labels, 0)), scale, accumulate=True)
 
 
 def _onehot_minus_(p: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
