@@ -322,7 +322,7 @@ class _TiledAttention(torch.autograd.Function):
         nkv = k.shape[0]
         g = nh // nkv
         Bp, P = layout.keys.shape
-        scale = D ** -0.5
+        scale, tile = D ** -0.5, TILE_ROWS
         qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (T, heads, D)
         out = q.new_empty(T, nh, D)
         masks = layout.stacked_masks(g, nkv, q.dtype)
@@ -346,8 +346,9 @@ class _TiledAttention(torch.autograd.Function):
             qs, ks, vs = qs.view(n * nkv, R * g, D), ks.view(n * nkv, pre + R, D), vs.view(n * nkv, pre + R, D)
             os_ = torch.empty_like(qs)
             probs = []
-            for r0 in range(0, R, TILE_ROWS):
-                r1, L = min(R, r0 + TILE_ROWS), pre + min(R, r0 + TILE_ROWS)
+            for r0 in range(0, R, tile):
+                r1 = min(R, r0 + tile)
+                L = pre + r1
                 s = torch.bmm(qs[:, r0 * g:r1 * g], ks[:, :L].transpose(1, 2))
                 lo = 0 if masked_prefix else pre + r0  # keys before the tile's own positions are all visible
                 s[:, :, lo:].add_(mask[:, r0 * g:r1 * g, lo:L])
@@ -358,8 +359,8 @@ class _TiledAttention(torch.autograd.Function):
             out[a:a + n * R].view(n, R, nkv, g, D).copy_(os_.view(n, nkv, R, g, D).transpose(1, 2))
             saved += [qs, ks, vs, *probs]
             a += n * R
-        ctx.layout, ctx.dims = layout, (nh, nkv, g, D)
-        ctx.counts = [3 + -(-R // TILE_ROWS) for _, R in layout.blocks + [(Bp, P)]]  # tensors saved per segment
+        ctx.layout, ctx.dims, ctx.tile = layout, (nh, nkv, g, D), tile
+        ctx.counts = [3 + -(-R // tile) for _, R in layout.blocks + [(Bp, P)]]  # tensors saved per segment
         ctx.save_for_backward(*saved)
         return out.view(T, nh * D)
 
@@ -387,8 +388,9 @@ class _TiledAttention(torch.autograd.Function):
             dqs = torch.empty_like(qs)
             dks = dvs = None
             for j in reversed(range(len(probs))):  # the last tile sees every key: it creates dK, dV
-                r0 = j * TILE_ROWS
-                r1, L = min(R, r0 + TILE_ROWS), pre + min(R, r0 + TILE_ROWS)
+                r0 = j * ctx.tile
+                r1 = min(R, r0 + ctx.tile)
+                L = pre + r1
                 p, do_t, q_t = probs[j], dos[:, r0 * g:r1 * g], qs[:, r0 * g:r1 * g]
                 dv_t = torch.bmm(p.transpose(1, 2), do_t)  # (n * nkv, L, D)
                 ds = torch._softmax_backward_data(torch.bmm(do_t, vs[:, :L].transpose(1, 2)), p, -1, p.dtype)
