@@ -38,7 +38,7 @@ RUN ?= runs/stage1
 eval: setup
 	$(PY) -m preflexor.evaluate $(RUN) $(ARGS)
 
-# Ablation grid, resumable (GRID=reduced: ~45 min on 2 CPU cores | full: ~51 h) -> runs/ablations/$(GRID)/, results/
+# Ablation grid, resumable (GRID=reduced: ~16 min on 2 CPU cores | full: ~16 h) -> runs/ablations/$(GRID)/, results/
 GRID ?= reduced
 ablations: setup
 	$(PY) -m preflexor.ablations --grid configs/ablations/$(GRID).yaml $(ARGS)
