@@ -244,11 +244,11 @@ class SharedPrompt:
     def __post_init__(self):
         Bp, P = self.keys.shape
         self.masks, self._additive, self._stacked = [], {}, {}
-        full = bool(self.keys.all())  # prompts of one length: one (1, 1, R, P + R) mask serves every row
+        self.full = bool(self.keys.all())  # prompts of one length: one (1, 1, R, P + R) mask serves every row
         for n, R in self.blocks:
             causal = torch.ones(R, R, dtype=torch.bool, device=self.keys.device).tril()
-            rows = 1 if full else n
-            prompt = (self.keys[:1] if full else self.keys.repeat(n // Bp, 1))[:, None, :].expand(rows, R, P)
+            rows = 1 if self.full else n
+            prompt = (self.keys[:1] if self.full else self.keys.repeat(n // Bp, 1))[:, None, :].expand(rows, R, P)
             self.masks.append(torch.cat([prompt, causal.expand(rows, R, R)], dim=2)[:, None])
 
     @property
@@ -267,8 +267,7 @@ class SharedPrompt:
                       for x in (q, k, v))  # per segment (n, heads, R, D) views
         kp, vp = ks[-1], vs[-1]
         if q.dtype not in self._additive:  # SDPA turns a bool mask into an additive one on every call
-            self._additive[q.dtype] = [torch.zeros(m.shape, dtype=q.dtype, device=m.device).masked_fill_(~m, -math.inf)
-                                       for m in self.masks]
+            self._additive[q.dtype] = [_additive(m, q.dtype) for m in self.masks]
         outs = []
         for (n, R), mask, qa, ka, va in zip(self.blocks, self._additive[q.dtype], qs, ks, vs):
             c = n // Bp  # copies of each prompt in this block (2: chosen and rejected)
@@ -289,13 +288,17 @@ class SharedPrompt:
             out = []
             for m in self.masks + [causal]:
                 rows, _, R, S = m.shape
-                add = torch.zeros((rows, R, S), dtype=dtype, device=m.device).masked_fill_(~m[:, 0], -math.inf)
-                add = add.repeat_interleave(group, dim=1)  # (rows, R * group, S)
+                add = _additive(m[:, 0], dtype).repeat_interleave(group, dim=1)  # (rows, R * group, S)
                 if rows > 1:
                     add = add[:, None].expand(rows, n_kv, R * group, S).reshape(rows * n_kv, R * group, S)
                 out.append(add)
             self._stacked[key] = out
         return self._stacked[key]
+
+
+def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as the additive one attention adds to its scores (0 or -inf)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
 TILE_ROWS = 64  # query positions per tile of `_TiledAttention` (48-64 measured best at 192 answer tokens)
@@ -329,19 +332,23 @@ class _TiledAttention(torch.autograd.Function):
         p0 = T - Bp * P  # the prompts' first packed position
         kp = kt[p0:].view(Bp, P, nkv, D).transpose(1, 2)  # (Bp, nkv, P, D)
         vp = vt[p0:].view(Bp, P, nkv, D).transpose(1, 2)
-        padded = not bool(layout.keys.all())  # prompts of different lengths: the answers' prompt keys are masked
-        saved, a = [], 0
-        for (n, R), mask in zip(layout.blocks + [(Bp, P)], masks):
-            prompt = a == p0  # the last segment: the prompts themselves, causal, no prefix
-            pre = 0 if prompt else P
-            masked_prefix = padded and not prompt
+        # segments (first packed position, rows n, length R, prompt keys in front pre): the answer blocks, then the
+        # prompts themselves (causal, no prefix)
+        segments, a = [], 0
+        for n, R in layout.blocks:
+            segments.append((a, n, R, P))
+            a += n * R
+        segments.append((p0, Bp, P, 0))
+        saved = []
+        for (a, n, R, pre), mask in zip(segments, masks):
+            masked_prefix = pre and not layout.full  # answers after prompts of different lengths: padding keys
             qs = torch.empty(n, nkv, R, g, D, dtype=q.dtype, device=q.device)
             torch.mul(qt[a:a + n * R].view(n, R, nkv, g, D).transpose(1, 2), scale, out=qs)
             ks = torch.empty(n, nkv, pre + R, D, dtype=q.dtype, device=q.device)
             vs = torch.empty_like(ks)
             for dst, src, pref in ((ks, kt, kp), (vs, vt, vp)):
                 dst[:, :, pre:] = src[a:a + n * R].view(n, R, nkv, D).transpose(1, 2)
-                if not prompt:
+                if pre:
                     dst[:, :, :P].view(n // Bp, Bp, nkv, P, D).copy_(pref.expand(n // Bp, Bp, nkv, P, D))
             qs, ks, vs = qs.view(n * nkv, R * g, D), ks.view(n * nkv, pre + R, D), vs.view(n * nkv, pre + R, D)
             os_ = torch.empty_like(qs)
@@ -358,9 +365,7 @@ class _TiledAttention(torch.autograd.Function):
                 probs.append(p)
             out[a:a + n * R].view(n, R, nkv, g, D).copy_(os_.view(n, nkv, R, g, D).transpose(1, 2))
             saved += [qs, ks, vs, *probs]
-            a += n * R
-        ctx.layout, ctx.dims, ctx.tile = layout, (nh, nkv, g, D), tile
-        ctx.counts = [3 + -(-R // tile) for _, R in layout.blocks + [(Bp, P)]]  # tensors saved per segment
+        ctx.layout, ctx.segments, ctx.dims, ctx.tile = layout, segments, (nh, nkv, g, D), tile
         ctx.save_for_backward(*saved)
         return out.view(T, nh * D)
 
@@ -378,12 +383,11 @@ class _TiledAttention(torch.autograd.Function):
         dk = grad.new_empty(T, nkv, D)
         dv = grad.new_empty(T, nkv, D)
         p0 = T - Bp * P
-        prefix_grads, a = [], 0
-        for (n, R), count in zip(layout.blocks + [(Bp, P)], ctx.counts):
+        prefix_grads = []
+        for a, n, R, pre in ctx.segments:
+            count = 3 + -(-R // ctx.tile)  # q, k, v and one softmax per tile
             qs, ks, vs, *probs = saved[i:i + count]
             i += count
-            prompt = a == p0
-            pre = 0 if prompt else P
             dos = go[a:a + n * R].view(n, R, nkv, g, D).transpose(1, 2).reshape(n * nkv, R * g, D)
             dqs = torch.empty_like(qs)
             dks = dvs = None
@@ -404,9 +408,8 @@ class _TiledAttention(torch.autograd.Function):
             dq[a:a + n * R].view(n, R, nkv, g, D).copy_(dqs.view(n, nkv, R, g, D).transpose(1, 2)).mul_(scale)
             for dst, src in ((dk, dks), (dv, dvs)):
                 dst[a:a + n * R].view(n, R, nkv, D).copy_(src.view(n, nkv, pre + R, D)[:, :, pre:].transpose(1, 2))
-            if not prompt:
+            if pre:
                 prefix_grads.append((n, dks.view(n, nkv, P + R, D)[:, :, :P], dvs.view(n, nkv, P + R, D)[:, :, :P]))
-            a += n * R
         for n, dkp, dvp in prefix_grads:  # the answers' gradients of their prompt's keys/values
             for dst, src in ((dk, dkp), (dv, dvp)):
                 dst[p0:].view(Bp, P, nkv, D).add_(src.view(n // Bp, Bp, nkv, P, D).sum(0).transpose(1, 2))
