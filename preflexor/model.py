@@ -257,7 +257,7 @@ class SharedPrompt:
 
     def attend(self, q, k, v):
         """q (nh, T, D), k/v (nkv, T, D) of the packed row after RoPE -> attention output (T, nh*D)."""
-        if self.tiled if self.tiled is not None else _tiled_ok(q):
+        if _tiled_ok(q) if self.tiled is None else self.tiled:
             return _TiledAttention.apply(q, k, v, self)
         Bp, P = self.keys.shape
         sizes = [n * R for n, R in self.blocks] + [Bp * P]
