@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 CONFIG ?=
 ARGS   ?=
 
-.PHONY: setup test test-fast data train-stage1 train-stage2 infer eval ablations clean
+.PHONY: setup test test-fast smoke data train-stage1 train-stage2 infer eval ablations clean
 
 setup: $(STAMP)
 
@@ -36,17 +36,24 @@ infer: setup
 # Held-out evaluation of a run (reward accuracy/margins, NLL, format rate, F1/ROUGE-L/concept recall): eval.json/.md/.png
 RUN ?= runs/stage1
 eval: setup
-	$(PY) -m preflexor.evaluate $(RUN) $(ARGS)
+	$(PY) evaluate.py $(RUN) $(ARGS)
 
 # Ablation grid, resumable (GRID=reduced: ~16 min on 2 CPU cores | full: ~16 h) -> runs/ablations/$(GRID)/, results/
 GRID ?= reduced
 ablations: setup
-	$(PY) -m preflexor.ablations --grid configs/ablations/$(GRID).yaml $(ARGS)
+	$(PY) ablations.py --grid configs/ablations/$(GRID).yaml $(ARGS)
 
 # Preference pairs from the embedded corpus with the grounded teacher (N pairs, resumable)
 N ?= 64
 data: setup
 	$(PY) -m preflexor.datagen --config configs/data.yaml --out data/pairs.jsonl --n $(N) $(ARGS)
+
+# Both stages end to end in about a minute: 8 grounded pairs, 2 ORPO steps, 2 EXO steps -> runs/smoke/
+smoke: setup
+	$(PY) -m preflexor.datagen --config configs/data.yaml --out runs/smoke/pairs.jsonl --n 8 --no-progress rejected=teacher_incorrect
+	$(PY) train_orpo.py --config configs/smoke.yaml $(ARGS)
+	$(PY) train_dpo.py --config configs/smoke.yaml model.source=runs/smoke/stage1/final/model loss.name=exo_pair \
+		loss.mask=answer_only lora.train_new_token_rows=false train.out_dir=runs/smoke/stage2 $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

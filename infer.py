@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ class InferConfig:
     open_thinking: bool = False  # pre-fill "<|thinking|>" in the first answer
     device: str = "auto"  # auto | cpu | cuda (env PREFLEXOR_DEVICE overrides)
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    fast: bool = True  # the speed paths (preflexor/fast/); PREFLEXOR_FAST=0/1 overrides
     runs_dir: str = "runs"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -96,16 +96,15 @@ def base_model_of(source: str) -> str | None:
 
 # -- building the generators ---------------------------------------------------------------------------------------
 
-def _device(cfg: InferConfig) -> tuple[str, str]:
-    import torch
+def _load(cfg: InferConfig, source: str, add_reasoning_tokens: bool = True):
+    """A model and tokenizer on the config's device and dtype, with the speed paths unless `fast: false`."""
+    from preflexor import fast
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.runtime import resolve_device
 
-    device = os.environ.get("PREFLEXOR_DEVICE", cfg.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is available (use device=auto or cpu)")
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    return device, dtype
+    device, dtype, _ = resolve_device(cfg.device, cfg.dtype, key="device")
+    model, tok = load_model_and_tokenizer(source, dtype=dtype, device=device, add_reasoning_tokens=add_reasoning_tokens)
+    return fast.install(model, cfg.fast), tok
 
 
 def _check_source(source: str, what: str) -> None:
@@ -128,7 +127,7 @@ class Loaded:
 
 def build_generators(cfg: InferConfig, need_critic: bool, log=print) -> Loaded:
     """The reasoner (and critic) generators for the config; logs what was chosen and why."""
-    from preflexor.checkpoint import DEFAULT_MODEL, load_model_and_tokenizer
+    from preflexor.checkpoint import DEFAULT_MODEL
     from preflexor.reasoning import HTTPGenerator, ModelGenerator
 
     source, why = cfg.model, "given"
@@ -147,8 +146,7 @@ def build_generators(cfg: InferConfig, need_critic: bool, log=print) -> Loaded:
     if source.startswith(("http://", "https://")):
         reasoner = HTTPGenerator(source, cfg.http_model, prefix_mode=cfg.prefix_mode, name="reasoner")
     else:
-        device, dtype = _device(cfg)
-        model, tok = load_model_and_tokenizer(source, dtype=dtype, device=device)
+        model, tok = _load(cfg, source)
         reasoner = ModelGenerator(model, tok, cfg.top_k, cfg.top_p, cfg.seed, name="reasoner")
     if not need_critic:
         return Loaded(source, reasoner, None, model, tok)
@@ -158,9 +156,8 @@ def build_generators(cfg: InferConfig, need_critic: bool, log=print) -> Loaded:
     elif critic_src == source and model is not None:
         critic = ModelGenerator(model, tok, cfg.top_k, cfg.top_p, cfg.seed + 1_000_003, name="critic")
     else:
-        device, dtype = _device(cfg)
         # the base critic keeps its own vocabulary: reasoning tags in its prompts stay plain text
-        cmodel, ctok = load_model_and_tokenizer(critic_src, dtype=dtype, device=device, add_reasoning_tokens=False)
+        cmodel, ctok = _load(cfg, critic_src, add_reasoning_tokens=False)
         critic = ModelGenerator(cmodel, ctok, cfg.top_k, cfg.top_p, cfg.seed + 1_000_003, name="critic")
     return Loaded(source, reasoner, critic, model, tok)
 

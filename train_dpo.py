@@ -7,20 +7,32 @@ the same weights with the stage-2 LoRA adapters disabled (no second copy).
 
     python train_dpo.py [--config configs/stage2_exo.yaml] [key=value ...]
 
-Reads top to bottom: config, device, model; then `train.run_stage`: data, format check before, training loop,
-format check after, save.
+Output in `train.out_dir` as for train_orpo.py; final/model/ is the stage-2 model.
 """
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
-from preflexor.checkpoint import load_model_and_tokenizer
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from preflexor import fast
+from preflexor.checkpoint import load_model_and_tokenizer, save_model
 from preflexor.config import RunConfig, load_config, to_dict
+from preflexor.data import collate_pairs, take_items, tokenize_for
+from preflexor.datagen import PairSource
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.losses import get_loss
-from preflexor.lora import apply_lora, print_trainable
-from preflexor.train import run_stage, seed_everything, setup_runtime
+from preflexor.lora import apply_lora, merge_lora, print_trainable
+from preflexor.metrics import MetricsLog, format_rate, plot_metrics
+from preflexor.optim import build_optimizer, lr_factor, set_lr
+from preflexor.peft_io import save_adapter
+from preflexor.preference import evaluate_pairs, precompute_ref, preference_loss
+from preflexor.resume import resume_point, save_checkpoint
+from preflexor.runtime import all_reduce_grads, all_reduce_mean, seed_everything, setup_runtime
 from preflexor.utils import atomic_write_json, git_hash
 
 
@@ -32,30 +44,136 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.name=sigmoid loss.beta=0.5")
     args = ap.parse_args(argv)
     cfg = load_config(RunConfig, args.config, args.overrides)
-    spec = get_loss(cfg.loss.name, key="loss.name")
-    if not spec.needs_ref:
-        raise UserError(f"loss.name: {cfg.loss.name!r} is a stage-1 loss; stage 2 takes exo_pair, sigmoid or ipo")
-    out_dir = Path(cfg.train.out_dir)
+    tc, lc = cfg.train, cfg.loss
+    spec = get_loss(lc.name, key="loss.name")
+    if spec.needs_nll:
+        raise UserError(f"loss.name: {lc.name!r} is a stage-1 loss (an SFT term on the chosen answers); stage 2 "
+                        f"takes a preference loss such as exo_pair, sigmoid or ipo")
+    out_dir = Path(tc.out_dir)
 
-    # --- device -----------------------------------------------------------------------------------------------
-    rt = setup_runtime(cfg.train.device, cfg.model.dtype)
-    seed_everything(cfg.train.seed)
+    # --- runtime ----------------------------------------------------------------------------------------------
+    rt = setup_runtime(tc.device, cfg.model.dtype)
+    seed_everything(tc.seed)
     if rt.main:
         atomic_write_json(out_dir / "config.json", {**to_dict(cfg), "git": git_hash(), "stage": 2})
+        print(f"loss: {lc.name} {lc.hparams()}")
 
-    # --- model: the stage-1 model + fresh LoRA on the projections (its disabled state is the reference) -------
+    # --- model: the stage-1 model + fresh LoRA on the projections (with LoRA disabled, it is the reference) ----
     if not Path(cfg.model.source).exists() and cfg.model.source.startswith("runs/"):
         raise UserError(f"model.source: {cfg.model.source} not found; run `make train-stage1` first")
     model, tok = load_model_and_tokenizer(cfg.model.source, dtype=rt.dtype, device=rt.device,
                                           add_reasoning_tokens=cfg.model.add_reasoning_tokens)
     apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, rslora=cfg.lora.rslora)
+    fast.install(model, cfg.model.fast)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.train()
     if rt.main:
         print_trainable(model)
 
-    # --- data, format rate before, training loop, format rate after, save (preflexor/train.py: run_stage) ----
-    return run_stage(model, tok, cfg, rt, spec, out_dir, stage=2)
+    # --- data: a preference JSONL, or the active loop's generator; held-out pairs; the format rate before ------
+    source = PairSource(cfg, tok, model, rt, out_dir, stage=2)  # rejected: on-policy, with the trigger
+    heldout = source.heldout()
+    held_ex, _ = tokenize_for(tok, heldout, cfg.data, lc, seed=0)
+    questions = [r["prompt"] for r in heldout[:tc.eval_generations]]
+    before = None
+    if rt.main and questions:
+        before = format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt)
+
+    # --- optimizer, log, resume -------------------------------------------------------------------------------
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, rt.device, cfg.lora.new_rows_lr)
+    total = tc.iterations * tc.steps_per_iteration
+    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=rt.main)
+    state, resumed = resume_point(out_dir / "checkpoints", tc.resume, model, optimizer, verbose=rt.main)
+    if resumed is None and rt.main and metrics.path.exists():
+        metrics.path.unlink()  # a fresh run starts a fresh log
+
+    # the reference log-probs of the held-out pairs, once, in the evaluation's own batches (same float rounding)
+    held_ref = precompute_ref(model, held_ex, tok.pad_id, spec, rt, batch_size=4) if spec.needs_ref else None
+
+    def run_eval(step: int) -> dict:
+        if not held_ex:
+            return {}
+        ev = evaluate_pairs(model, held_ex, tok.pad_id, lc, rt, ref_cache=held_ref)
+        ev = {f"eval/{k}": v for k, v in ev.items() if k not in ("margins", "n_pairs")}
+        metrics.log({"step": step, **ev})
+        return ev
+
+    # --- the loop: each iteration's pairs (generated with the current model), then its optimizer steps --------
+    last_eval = run_eval(0) if state["global_step"] == 0 else {}
+    bar = tqdm(total=total, initial=state["global_step"], desc="train", disable=not rt.main, dynamic_ncols=True)
+    while state["iteration"] < tc.iterations:
+        it = state["iteration"]
+        examples, dropped = tokenize_for(tok, source.for_iteration(it), cfg.data, lc, seed=tc.seed + it)
+        if not examples:
+            raise UserError(f"iteration {it}: no usable pairs ({dropped} dropped by truncation; raise data.max_length)")
+        ref_cache = None  # the reference (adapters disabled) of this iteration's pairs, once, when asked to
+        if spec.needs_ref and lc.precompute_ref:
+            ref_cache = precompute_ref(model, examples, tok.pad_id, spec, rt)
+        while state["step_in_iteration"] < tc.steps_per_iteration:
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            t_step, n_tokens = time.perf_counter(), 0  # throughput of the optimizer step alone (not eval/datagen)
+            for _ in range(tc.grad_accum):  # forward, loss, backward per micro-batch; this rank's share of the batch
+                idx = take_items(len(examples), tc.seed + it, state["position"], tc.batch_size * rt.world)
+                idx = idx[rt.rank * tc.batch_size:(rt.rank + 1) * tc.batch_size]
+                state["position"] += tc.batch_size * rt.world
+                batch = collate_pairs([examples[i] for i in idx], tok.pad_id)
+                ref = None if ref_cache is None else {
+                    k: torch.stack([ref_cache[i][k] for i in idx]) for k in ("chosen", "rejected")}
+                losses, m = preference_loss(model, batch, lc, rt, ref=ref)  # else the reference runs here
+                (losses.mean() / tc.grad_accum).backward()
+                for k, v in {"loss": losses, **m}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) / tc.grad_accum
+                n_tokens += int(batch["attention_mask"].sum())
+            all_reduce_grads(trainable, rt.world)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)) if tc.max_grad_norm > 0 else 0.0
+            lr = set_lr(optimizer, tc.lr, lr_factor(state["global_step"], tc.schedule, tc.warmup_steps, total))
+            optimizer.step()
+            state["global_step"] += 1
+            state["step_in_iteration"] += 1
+            step = state["global_step"]
+            rec = {k: all_reduce_mean(v, rt) for k, v in sums.items()}
+            rec.update(step=step, iteration=it, lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=n_tokens * rt.world / (time.perf_counter() - t_step))
+            if step % max(tc.log_every, 1) == 0:
+                metrics.log(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec.get('rewards/margins', 0.0):.3f}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}")
+            end_of_iteration = state["step_in_iteration"] >= tc.steps_per_iteration
+            if (tc.eval_every and step % tc.eval_every == 0) or (end_of_iteration and not tc.eval_every):
+                last_eval = run_eval(step)
+            if end_of_iteration:
+                state.update(iteration=it + 1, step_in_iteration=0, position=0)
+            if rt.main and ((tc.save_every and step % tc.save_every == 0) or end_of_iteration):
+                save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, tc.keep_last)
+            if rt.world > 1:
+                dist.barrier()
+            if end_of_iteration:
+                break
+    bar.close()
+    if not last_eval:
+        last_eval = run_eval(state["global_step"])
+
+    # --- after training: the format rate again, summary, adapter and merged model (main rank) -----------------
+    summary = {"eval": last_eval}
+    if not rt.main:
+        return summary
+    plot_metrics(metrics.read(), out_dir / "curves.png")
+    after = format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt) if questions else None
+    summary.update(format_before=before, format_after=after)
+    if before and after:
+        print(f"thinking-format rate: before {before['format_rate']:.2f} -> after {after['format_rate']:.2f} "
+              f"(opens with <|thinking|>: {before['opens_thinking_rate']:.2f} -> {after['opens_thinking_rate']:.2f})")
+    print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()))
+    save_adapter(model, out_dir / "final" / "adapter", base_model_name_or_path=cfg.model.source)
+    if tc.save_merged:
+        merge_lora(model)
+        save_model(model, tok, out_dir / "final" / "model")
+    atomic_write_json(out_dir / "summary.json", summary)
+    print(f"saved {out_dir / 'final'}")
+    return summary
 
 
 if __name__ == "__main__":

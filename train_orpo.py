@@ -5,22 +5,34 @@ pairs every iteration with the current model writing the rejected answer (withou
     python train_orpo.py [--config configs/stage1_orpo.yaml] [key=value ...]
     torchrun --nproc_per_node 2 train_orpo.py train.device=cpu ...
 
-Reads top to bottom: config, device, model; then `train.run_stage`: data, format check before, training loop,
-format check after, save.
-Output in `train.out_dir`: config.json, metrics.jsonl, curves.png, checkpoints/, data/, summary.json, and final/
-(the PEFT-format adapter in final/adapter/ and the merged model in HF format: the input of stage 2).
+Output in `train.out_dir`: config.json, metrics.jsonl, curves.png, checkpoints/ (resume state), data/ (the pairs of
+every iteration), summary.json, and final/ (the PEFT-format adapter in final/adapter/ and the merged model in HF
+format in final/model/: the input of stage 2). `train.resume=auto` continues an interrupted run bit-identically.
 """
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
-from preflexor.checkpoint import load_model_and_tokenizer
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from preflexor import fast
+from preflexor.checkpoint import load_model_and_tokenizer, save_model
 from preflexor.config import RunConfig, load_config, to_dict
-from preflexor.errors import exit_on_user_error
+from preflexor.data import collate_pairs, take_items, tokenize_for
+from preflexor.datagen import PairSource
+from preflexor.errors import UserError, exit_on_user_error
 from preflexor.losses import get_loss
-from preflexor.lora import apply_lora, print_trainable, train_new_token_rows
-from preflexor.train import run_stage, seed_everything, setup_runtime
+from preflexor.lora import apply_lora, merge_lora, print_trainable, train_new_token_rows
+from preflexor.metrics import MetricsLog, format_rate, plot_metrics
+from preflexor.optim import build_optimizer, lr_factor, set_lr
+from preflexor.peft_io import save_adapter
+from preflexor.preference import evaluate_pairs, preference_loss
+from preflexor.resume import resume_point, save_checkpoint
+from preflexor.runtime import all_reduce_grads, all_reduce_mean, seed_everything, setup_runtime
 from preflexor.utils import atomic_write_json, git_hash
 
 
@@ -32,16 +44,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4 lora.r=8")
     args = ap.parse_args(argv)
     cfg = load_config(RunConfig, args.config, args.overrides)
-    spec = get_loss(cfg.loss.name, key="loss.name")
-    out_dir = Path(cfg.train.out_dir)
+    tc, lc = cfg.train, cfg.loss
+    get_loss(lc.name, key="loss.name")  # an unknown loss fails before anything is loaded
+    out_dir = Path(tc.out_dir)
 
-    # --- device -----------------------------------------------------------------------------------------------
-    rt = setup_runtime(cfg.train.device, cfg.model.dtype)
-    seed_everything(cfg.train.seed)
+    # --- runtime ----------------------------------------------------------------------------------------------
+    rt = setup_runtime(tc.device, cfg.model.dtype)
+    seed_everything(tc.seed)
     if rt.main:
         atomic_write_json(out_dir / "config.json", {**to_dict(cfg), "git": git_hash(), "stage": 1})
+        print(f"loss: {lc.name} {lc.hparams()}")
 
-    # --- model: base + reasoning tokens + LoRA (+ the new tokens' rows) ---------------------------------------
+    # --- model: base + reasoning tokens + LoRA (+ the new tokens' rows) + the speed paths ---------------------
     model, tok = load_model_and_tokenizer(cfg.model.source, dtype=rt.dtype, device=rt.device,
                                           add_reasoning_tokens=cfg.model.add_reasoning_tokens)
     if "lm_head" in cfg.lora.targets:
@@ -49,13 +63,108 @@ def main(argv: list[str] | None = None) -> dict:
     apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, rslora=cfg.lora.rslora)
     if cfg.lora.train_new_token_rows and cfg.model.add_reasoning_tokens:
         train_new_token_rows(model, sorted(tok.reasoning_ids.values()))
+    fast.install(model, cfg.model.fast)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.train()
     if rt.main:
         print_trainable(model)
 
-    # --- data, format rate before, training loop, format rate after, save (preflexor/train.py: run_stage) ----
-    return run_stage(model, tok, cfg, rt, spec, out_dir, stage=1)
+    # --- data: a preference JSONL, or the active loop's generator; held-out pairs; the format rate before ------
+    source = PairSource(cfg, tok, model, rt, out_dir, stage=1)
+    heldout = source.heldout()
+    held_ex, _ = tokenize_for(tok, heldout, cfg.data, lc, seed=0)
+    questions = [r["prompt"] for r in heldout[:tc.eval_generations]]
+    before = None
+    if rt.main and questions:
+        before = format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt)
+
+    # --- optimizer, log, resume -------------------------------------------------------------------------------
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, rt.device, cfg.lora.new_rows_lr)
+    total = tc.iterations * tc.steps_per_iteration
+    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=rt.main)
+    state, resumed = resume_point(out_dir / "checkpoints", tc.resume, model, optimizer, verbose=rt.main)
+    if resumed is None and rt.main and metrics.path.exists():
+        metrics.path.unlink()  # a fresh run starts a fresh log
+
+    def run_eval(step: int) -> dict:
+        if not held_ex:
+            return {}
+        ev = evaluate_pairs(model, held_ex, tok.pad_id, lc, rt)
+        ev = {f"eval/{k}": v for k, v in ev.items() if k not in ("margins", "n_pairs")}
+        metrics.log({"step": step, **ev})
+        return ev
+
+    # --- the loop: each iteration's pairs (generated with the current model), then its optimizer steps --------
+    last_eval = run_eval(0) if state["global_step"] == 0 else {}
+    bar = tqdm(total=total, initial=state["global_step"], desc="train", disable=not rt.main, dynamic_ncols=True)
+    while state["iteration"] < tc.iterations:
+        it = state["iteration"]
+        examples, dropped = tokenize_for(tok, source.for_iteration(it), cfg.data, lc, seed=tc.seed + it)
+        if not examples:
+            raise UserError(f"iteration {it}: no usable pairs ({dropped} dropped by truncation; raise data.max_length)")
+        while state["step_in_iteration"] < tc.steps_per_iteration:
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            t_step, n_tokens = time.perf_counter(), 0  # throughput of the optimizer step alone (not eval/datagen)
+            for _ in range(tc.grad_accum):  # forward, loss, backward per micro-batch; this rank's share of the batch
+                idx = take_items(len(examples), tc.seed + it, state["position"], tc.batch_size * rt.world)
+                idx = idx[rt.rank * tc.batch_size:(rt.rank + 1) * tc.batch_size]
+                state["position"] += tc.batch_size * rt.world
+                batch = collate_pairs([examples[i] for i in idx], tok.pad_id)
+                losses, m = preference_loss(model, batch, lc, rt)  # ORPO: NLL + beta * odds-ratio term
+                (losses.mean() / tc.grad_accum).backward()
+                for k, v in {"loss": losses, **m}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) / tc.grad_accum
+                n_tokens += int(batch["attention_mask"].sum())
+            all_reduce_grads(trainable, rt.world)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)) if tc.max_grad_norm > 0 else 0.0
+            lr = set_lr(optimizer, tc.lr, lr_factor(state["global_step"], tc.schedule, tc.warmup_steps, total))
+            optimizer.step()
+            state["global_step"] += 1
+            state["step_in_iteration"] += 1
+            step = state["global_step"]
+            rec = {k: all_reduce_mean(v, rt) for k, v in sums.items()}
+            rec.update(step=step, iteration=it, lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=n_tokens * rt.world / (time.perf_counter() - t_step))
+            if step % max(tc.log_every, 1) == 0:
+                metrics.log(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec.get('rewards/margins', 0.0):.3f}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}")
+            end_of_iteration = state["step_in_iteration"] >= tc.steps_per_iteration
+            if (tc.eval_every and step % tc.eval_every == 0) or (end_of_iteration and not tc.eval_every):
+                last_eval = run_eval(step)
+            if end_of_iteration:
+                state.update(iteration=it + 1, step_in_iteration=0, position=0)
+            if rt.main and ((tc.save_every and step % tc.save_every == 0) or end_of_iteration):
+                save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, tc.keep_last)
+            if rt.world > 1:
+                dist.barrier()
+            if end_of_iteration:
+                break
+    bar.close()
+    if not last_eval:
+        last_eval = run_eval(state["global_step"])
+
+    # --- after training: the format rate again, summary, adapter and merged model (main rank) -----------------
+    summary = {"eval": last_eval}
+    if not rt.main:
+        return summary
+    plot_metrics(metrics.read(), out_dir / "curves.png")
+    after = format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt) if questions else None
+    summary.update(format_before=before, format_after=after)
+    if before and after:
+        print(f"thinking-format rate: before {before['format_rate']:.2f} -> after {after['format_rate']:.2f} "
+              f"(opens with <|thinking|>: {before['opens_thinking_rate']:.2f} -> {after['opens_thinking_rate']:.2f})")
+    print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()))
+    save_adapter(model, out_dir / "final" / "adapter", base_model_name_or_path=cfg.model.source)
+    if tc.save_merged:
+        merge_lora(model)
+        save_model(model, tok, out_dir / "final" / "model")
+    atomic_write_json(out_dir / "summary.json", summary)
+    print(f"saved {out_dir / 'final'}")
+    return summary
 
 
 if __name__ == "__main__":

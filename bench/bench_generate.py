@@ -5,9 +5,9 @@ so transformers needs no padding and takes its fastest path). Both generate ever
 ids, transformers with `min_new_tokens = max_new_tokens`. Runs alternate (ours, theirs, ours, ...) after one warm-up
 each, so machine load hits both alike; the reported speed is new tokens per second over the median run (wall clock,
 and per process-CPU second, which is steadier when other jobs share the machine).
-Ours is `generate` as callers get it: on a float32 CPU model that is the `cpu_infer` fast path. Its packed weights
-are built once per model (in the warm-up here); `pack_build_s` reports that one-off cost. `--also-plain` adds our
-plain path (`fast=False`) to the interleaved runs.
+Ours is `generate` as the scripts get it: on a float32 CPU model with the fast paths installed that is the
+`cpu_infer` fast path. Its packed weights are built once per model (in the warm-up here); `pack_build_s` reports
+that one-off cost. `--also-plain` adds our plain path (`fast=False`) to the interleaved runs.
 One JSON line per configuration:
   b8_sample: batch 8, temperature 1, top-k 50, top-p 0.9;   b1_greedy: batch 1, greedy.
 
@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preflexor import cpu_infer  # noqa: E402
+from preflexor import fast  # noqa: E402
+from preflexor.fast import cpu_infer  # noqa: E402
 from preflexor.checkpoint import default_model_dir, load_model, load_tokenizer  # noqa: E402
 from preflexor.sampler import generate  # noqa: E402
 
@@ -99,7 +100,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     d = Path(args.model_dir) if args.model_dir else default_model_dir()
     tok = load_tokenizer(d)
-    model = load_model(d, dtype=torch.float32).eval()
+    model = fast.install(load_model(d, dtype=torch.float32).eval())  # as the scripts do (fast: true)
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # generate every token, as ours does without stop ids
 

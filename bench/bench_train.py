@@ -136,10 +136,12 @@ def _summary(step_s: list[float], cpu_s: list[float]) -> dict:
 def _ours_setup(loss: str, gc_on: bool, new_token_rows: bool = False):
     import torch
 
+    from preflexor import fast
     from preflexor.checkpoint import DEFAULT_MODEL, load_model_and_tokenizer
+    from preflexor.config import LossConfig
     from preflexor.lora import apply_lora, train_new_token_rows
-    from preflexor.losses import get_loss
-    from preflexor.train import build_optimizer, setup_runtime
+    from preflexor.optim import build_optimizer
+    from preflexor.runtime import setup_runtime
 
     torch.manual_seed(SEED)
     rt = setup_runtime("cpu", "float32", verbose=False)
@@ -147,20 +149,22 @@ def _ours_setup(loss: str, gc_on: bool, new_token_rows: bool = False):
     apply_lora(model, LORA_R, LORA_ALPHA, 0.0, TARGETS)
     if new_token_rows:  # the stage-1 config also trains the reasoning tokens' rows of the (tied) embedding/head
         train_new_token_rows(model, sorted(tok.reasoning_ids.values()))
+    fast.install(model)  # as the training scripts do (model.fast: true)
     model.gradient_checkpointing = gc_on
     model.train()
     optimizer = build_optimizer(model, LR, 0.0, rt.device)
-    return model, tok, rt, get_loss(LOSS_NAMES[loss]), optimizer
+    return model, tok, rt, LossConfig(name=LOSS_NAMES[loss], params={"beta": BETA, "epsilon": EXO_EPS}), optimizer
 
 
-def _ours_step(model, batch, spec, name, rt, optimizer, trainable) -> float:
-    """One optimizer step exactly as `train.fit` runs it (grad_accum 1, constant lr)."""
+def _ours_step(model, batch, loss_cfg, name, rt, optimizer, trainable) -> float:
+    """One optimizer step exactly as the training scripts' loop runs it (grad_accum 1, constant lr)."""
     import torch
 
-    from preflexor.train import preference_loss, set_lr
+    from preflexor.optim import set_lr
+    from preflexor.preference import preference_loss
 
     optimizer.zero_grad(set_to_none=True)
-    losses, m = preference_loss(model, batch, spec, name, BETA, EXO_EPS, rt, ref=None)
+    losses, m = preference_loss(model, batch, loss_cfg, rt, ref=None)
     losses.mean().backward()
     sums = {k: float(v.detach().float().mean()) for k, v in {"loss": losses, **m}.items()}
     int(batch["attention_mask"].sum())  # the loop's throughput counter

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from preflexor.assets import cache_dir, smollm2_gguf_path
 from preflexor.errors import UserError
-from preflexor.model import ModelConfig, Transformer, rope_inv_freq
+from preflexor.model import ModelArgs, Transformer, rope_inv_freq
 from preflexor.tokenizer import Tokenizer
 from preflexor.utils import atomic_dir
 
@@ -115,7 +115,7 @@ def default_model_dir() -> Path:
 
 
 # -- config --------------------------------------------------------------------------------------------------------
-def _read_config(d: Path) -> ModelConfig:
+def _read_config(d: Path) -> ModelArgs:
     path = d / "config.json"
     if not path.is_file():
         raise UserError(f"{path}: missing config.json in the checkpoint directory")
@@ -133,7 +133,7 @@ def _read_config(d: Path) -> ModelConfig:
         raise UserError(f"{path}: model_type {lm.get('model_type')!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     try:
-        return ModelConfig.from_hf(raw)
+        return ModelArgs.from_hf(raw)
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: {_first_line(e)}") from None
 
@@ -167,7 +167,7 @@ def _read_safetensors(d: Path, dtype: torch.dtype, device) -> dict[str, torch.Te
     return sd
 
 
-def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: Path, device) -> Transformer:
+def _build(cfg: ModelArgs, sd: dict[str, torch.Tensor], source: Path, device) -> Transformer:
     """Construct on the meta device, check names and shapes, assign the tensors, recompute RoPE buffers."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -224,7 +224,7 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def _gguf_config(r, path: Path) -> ModelConfig:
+def _gguf_config(r, path: Path) -> ModelArgs:
     arch = _gguf_field(r, "general.architecture", path)
     if arch not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
@@ -240,7 +240,7 @@ def _gguf_config(r, path: Path) -> ModelConfig:
     n_head, hidden = g("attention.head_count"), g("embedding_length")
     tokens = _gguf_field(r, "tokenizer.ggml.tokens", path, None)
     emb = next(t for t in r.tensors if t.name == "token_embd.weight")
-    return ModelConfig(
+    return ModelArgs(
         vocab_size=int(g("vocab_size", None) or (len(tokens) if tokens else int(emb.shape[1]))),
         hidden_size=int(hidden), intermediate_size=int(g("feed_forward_length")),
         num_hidden_layers=int(g("block_count")), num_attention_heads=int(n_head),
@@ -261,7 +261,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(-1, *w.shape[3:])  # (nh, 2, D/2, ...): halves j and j + D/2, as HF
 
 
-def _gguf_state_dict(r, cfg: ModelConfig, path: Path, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+def _gguf_state_dict(r, cfg: ModelArgs, path: Path, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     from gguf import dequantize
 
     sd = {}
@@ -428,3 +428,27 @@ def save_model(model: Transformer, tokenizer: Tokenizer, directory: str | os.Pat
     with atomic_dir(directory) as tmp:
         _write_hf(model, tokenizer, tmp, None if dtype is None else _dtype(dtype))
     return directory
+
+
+# -- run directories (train_orpo.py / train_dpo.py outputs) -----------------------------------------------------------
+
+def read_run_config(run_dir: Path) -> dict:
+    """A training run's resolved config.json (one line naming the file when it is missing or not JSON)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.json); pass a run dir of train_orpo.py / "
+                        f"train_dpo.py, or 'base'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def run_model_source(run: str | os.PathLike, base_model: str) -> str:
+    """What `run` ("base" or a run dir) stands for: the base model name, or the run's merged final model."""
+    if str(run) == "base":
+        return base_model
+    final = Path(run) / "final" / "model"
+    if not (final / "config.json").is_file():
+        raise UserError(f"{run}: no final/model (training has not finished; rerun the training command to resume)")
+    return str(final)

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from preflexor import losses
 from preflexor.errors import UserError
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from preflexor.lora import PROJECTIONS
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or float32 / bfloat16
     add_reasoning_tokens: bool = True
     gradient_checkpointing: bool = False
+    fast: bool = True  # install the speed paths (preflexor/fast/); PREFLEXOR_FAST=0/1 overrides
 
 
 @dataclass
@@ -61,13 +62,22 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "orpo"  # orpo | exo_pair | sigmoid | ipo
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # cDPO smoothing for sigmoid; epsilon for exo_pair
+    """`name` picks a loss of `losses.LOSSES`; the losses' hyperparameters (beta, epsilon, label_smoothing, ... as
+    each `LossSpec.hparams` declares them) sit beside it as `loss.<key>` and are kept in `params`. A config may carry
+    those of several losses (so `loss.name=...` can switch); the run uses and prints the selected loss's."""
+    name: str = "orpo"  # orpo | exo_pair | sigmoid | ipo, or any loss registered in losses.LOSSES
     mask: str = "none"  # answer_only | random_fraction | none (stage 2 thinking masks)
     keep_delimiter: bool = True
     mask_fraction: float = 0.2
     precompute_ref: bool = False  # stage 2: reference log-probs once per generated batch
+    params: dict = field(default_factory=dict)
+
+    @staticmethod
+    def extra_keys() -> dict[str, type]:
+        return {k: float for spec in losses.LOSSES.values() for k in spec.hparams}
+
+    def hparams(self) -> dict[str, float]:
+        return losses.hparams(self.name, self.params)
 
 
 @dataclass
@@ -76,7 +86,6 @@ class SampleConfig:
     top_k: int | None = 50
     top_p: float | None = 0.9
     max_new_tokens: int = 128
-    num_samples: int = 1
 
 
 @dataclass
@@ -101,7 +110,6 @@ class TrainConfig:
     eval_generations: int = 8  # held-out greedy generations for the thinking-format rate
     eval_max_new_tokens: int = 96
     save_merged: bool = True
-    fsdp: bool = False
 
 
 @dataclass
@@ -137,29 +145,41 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _check(value: Any, tp: Any, where: str, key: str):
+    float_key = tp is float or float in typing.get_args(tp)
+    if float_key and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads `5e-5` (no dot) as a string; accept it (and ints) for float keys
+            value = float(value)
+        except ValueError:
+            pass
+    if not _type_ok(value, tp):
+        tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        raise UserError(f"{where}: config key '{key}' expects {tname}, got {value!r}")
+    return value
+
+
 def _build(cls, data: dict, where: str, prefix: str = ""):
+    """`cls(**data)` with every key and type checked; a dataclass with `extra_keys()` keeps those keys in `params`."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    extra = cls.extra_keys() if hasattr(cls, "extra_keys") else {}
+    kwargs, params = {}, {}
     for key, value in data.items():
-        if key not in fields:
-            raise UserError(f"{where}: unknown config key '{prefix}{key}' (valid: {', '.join(sorted(fields))})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, where, f"{prefix}{key}.")
-            continue
-        float_key = tp is float or float in typing.get_args(tp)
-        if float_key and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:  # YAML 1.1 reads `5e-5` (no dot) as a string; accept it (and ints) for float keys
-                value = float(value)
-            except ValueError:
-                pass
-        if not _type_ok(value, tp):
-            tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
-            raise UserError(f"{where}: config key '{prefix}{key}' expects {tname}, got {value!r}")
-        kwargs[key] = value
+        if key == "params" and extra and isinstance(value, dict):  # to_dict's flat form, or a nested one
+            params.update({k: _check(v, extra.get(k, float), where, f"{prefix}{k}") for k, v in value.items()})
+        elif key in extra:
+            params[key] = _check(value, extra[key], where, f"{prefix}{key}")
+        elif key not in fields or key == "params":
+            valid = sorted({*fields, *extra} - {"params"})
+            raise UserError(f"{where}: unknown config key '{prefix}{key}' (valid: {', '.join(valid)})")
+        elif dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, where, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check(value, hints[key], where, f"{prefix}{key}")
+    if extra:
+        kwargs["params"] = params
     return cls(**kwargs)
 
 
@@ -201,4 +221,22 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, a section's `params` written beside its other keys (as in the YAML)."""
+    out = dataclasses.asdict(cfg)
+    for sec in (out, *(v for v in out.values() if isinstance(v, dict))):
+        if isinstance(sec.get("params"), dict):
+            sec.update(sec.pop("params"))
+    return out
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Inverse of `to_dict` for a saved run config (config.json): keys this version does not know (git, stage, a
+    removed option) are left out, at every level."""
+    return _build(cls, _known(cls, data), where)
+
+
+def _known(cls, data: dict) -> dict:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} | set(cls.extra_keys() if hasattr(cls, "extra_keys") else ())
+    return {k: _known(hints[k], v) if k in hints and dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) else v
+            for k, v in (data or {}).items() if k in names}

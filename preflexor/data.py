@@ -83,6 +83,20 @@ def load_pairs(path: str | Path, skip_bad: bool = False) -> list[dict]:
     return records
 
 
+def heldout_pairs(run_dir: Path, cfg: dict) -> list[dict]:
+    """The held-out pairs a run evaluated on: data/heldout.jsonl of the active loop, or the last
+    `data.heldout_pairs` records of its preference JSONL (as `datagen.PairSource` splits them)."""
+    path = Path(run_dir) / "data" / "heldout.jsonl"
+    if path.is_file():
+        return load_pairs(path)
+    data = cfg.get("data") or {}
+    if data.get("pairs"):
+        records = load_pairs(data["pairs"])
+        n_held = min(int(data.get("heldout_pairs", 16)), max(len(records) - 1, 0))
+        if n_held:
+            return records[len(records) - n_held:]
+    raise UserError(f"{run_dir}: no held-out pairs (no data/heldout.jsonl and no data.pairs file); pass --heldout")
+
 # -----------------------------------------------------------------------------
 # Tokenization and truncation
 
@@ -126,6 +140,15 @@ def tokenize_pairs(tok, records: Iterable[dict], **kw) -> tuple[list[dict], int]
 
 # -----------------------------------------------------------------------------
 # Thinking masks (stage 2, preflexor.md §4.2)
+
+def tokenize_for(tok, records: Iterable[dict], data_cfg, loss_cfg, seed: int) -> tuple[list[dict], int]:
+    """`tokenize_pairs` with a run's lengths and system prompt (`config.DataConfig`) and thinking mask
+    (`config.LossConfig`), the random-fraction mask drawn from a generator seeded `seed`."""
+    return tokenize_pairs(tok, records, generator=torch.Generator().manual_seed(seed),
+                          max_prompt_len=data_cfg.max_prompt_len, max_length=data_cfg.max_length,
+                          system=data_cfg.system_prompt, mask_mode=loss_cfg.mask,
+                          keep_delimiter=loss_cfg.keep_delimiter, fraction=loss_cfg.mask_fraction)
+
 
 def thinking_spans(ids: Sequence[int], think_start_id: int, think_end_id: int) -> list[tuple[int, int]]:
     """(start, end) positions of matched thinking blocks: each end is matched to the nearest preceding start that
@@ -219,3 +242,23 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "targets": targets,
             "loss_mask": labels != IGNORE_INDEX, "nll_mask": nll_mask, "prompt_lens": prompt_lens,
             "response_lens": response_lens}
+
+
+# -----------------------------------------------------------------------------
+# Data order
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def take_items(n: int, seed: int, position: int, count: int) -> list[int]:
+    """Items `position .. position+count-1` of an endless stream of seeded permutations of range(n)."""
+    out = []
+    while len(out) < count:
+        epoch, offset = divmod(position, n)
+        order = epoch_order(n, seed, epoch)
+        take = min(count - len(out), n - offset)
+        out.extend(order[offset:offset + take])
+        position += take
+    return out

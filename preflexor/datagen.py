@@ -10,6 +10,7 @@
 Records are JSONL `{"prompt", "chosen", "rejected", "meta"}` with provenance in meta. Output is appended line by
 line with fsync; a rerun reads the valid lines (a torn last line is cut away) and continues from their count. Every
 example is seeded from (seed, index), so a rerun writes the same examples and no index is written twice.
+`PairSource` is the training scripts' view: a fixed JSONL, or the active loop's fresh pairs every iteration.
 
 CLI: python -m preflexor.datagen --out data/pairs.jsonl --n 64 [--config configs/data.yaml] [key=value ...]
 """
@@ -27,14 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from preflexor.data import validate_record
+import torch.distributed as dist
+
+from preflexor.data import load_pairs, validate_record
 from preflexor.errors import UserError, exit_on_user_error
+from preflexor.fast import cpu_infer
 from preflexor.graph import format_triples
 from preflexor.teacher import BACKGROUND, CATEGORIES, KNOWLEDGE_GRAPH, ChatTeacher, format_context, stable_rng
+from preflexor.thinking import TRIGGER, assemble_thinking
 from preflexor.utils import append_jsonl
 
-THINK_START, THINK_END = "<|thinking|>", "<|/thinking|>"
-THINKING_TRIGGER = " Use <|thinking|>."  # appended to every training question (preflexor.md §1.3)
 # stage-1 rejected prompt: the question without the thinking trigger, asking for a direct answer (§2.2 step 8)
 DIRECT_ANSWER_PROMPT = "Give the answer to this question: {question}\nThe answer is:"
 REJECTED_SOURCES = ("model", "teacher_incorrect")
@@ -76,12 +79,6 @@ class DatagenConfig:
 
 # -----------------------------------------------------------------------------
 # one example, teacher side
-
-def assemble_thinking(sections: dict[str, str]) -> str:
-    """`<|thinking|>\\n` + `**{Section}**:\\n\\n{content}\\n\\n` per section + `<|/thinking|>` (§2.2 step 5)."""
-    return THINK_START + "\n" + "".join(f"**{name}**:\n\n{content.strip()}\n\n" for name, content in
-                                        sections.items()) + THINK_END
-
 
 def _context(i: int, seed: int, chunks, retriever, topics, n_context: int):
     rng = stable_rng(seed, "context", i)
@@ -128,7 +125,7 @@ def teacher_part(i: int, teacher, chunks, graph, retriever, seed: int, topics=No
     answer = teacher.answer(question, context, thinking).strip()
     if not answer:
         raise UserError(f"datagen: teacher {teacher.name} returned an empty answer for example {i}")
-    out = {"prompt": question + THINKING_TRIGGER, "chosen": thinking + "\n" + answer,
+    out = {"prompt": question + TRIGGER, "chosen": thinking + "\n" + answer,
            "meta": {"index": i, "seed": seed, "question": question, "answer": answer, "topic": topic,
                     "teacher": teacher.name, "context_chunks": [c.chunk_id for c in ctx],
                     "retrieved_chunks": [c.chunk_id for c in retrieved],
@@ -172,7 +169,7 @@ def graph_context(graph, question: str, max_triples: int) -> tuple[list[str], li
 def model_prompt(tok, question: str, stage: int, system: str | None = None) -> list[int]:
     """Token ids of the rejected-answer prompt: stage 1 asks for a direct answer (no thinking trigger), stage 2 uses
     the training prompt itself (question + trigger), formatted exactly as `data.tokenize_pair` formats it."""
-    text = DIRECT_ANSWER_PROMPT.format(question=question) if stage == 1 else question + THINKING_TRIGGER
+    text = DIRECT_ANSWER_PROMPT.format(question=question) if stage == 1 else question + TRIGGER
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return tok.encode_chat(msgs, add_generation_prompt=True, allow_special=True)
 
@@ -419,3 +416,63 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class PairSource:
+    """Where each iteration's pairs come from: a fixed preference JSONL (the last `data.heldout_pairs` records held
+    out), or the active loop, which generates `data.pairs_per_iteration` fresh pairs per iteration with the current
+    model writing the rejected answers (stage 1 without the thinking trigger, stage 2 with it). Generated pairs are
+    kept in `out_dir/data/` (iter_NNN.jsonl, heldout.jsonl); a resumed run reads them back instead of regenerating."""
+
+    HELDOUT_INDEX = 1_000_000  # held-out examples live in their own index range, away from training contexts
+
+    def __init__(self, cfg, tok, model, rt, out_dir: Path, stage: int):
+        self.cfg, self.tok, self.model, self.rt, self.stage = cfg, tok, model, rt, stage
+        self.dir = out_dir / "data"
+        dc = cfg.data
+        if dc.pairs:
+            records = load_pairs(dc.pairs)
+            n_held = min(dc.heldout_pairs, max(len(records) - 1, 0))
+            self.train_records, self.heldout_records = records[:len(records) - n_held], records[len(records) - n_held:]
+            self.sources = None
+        else:
+            gcfg = DatagenConfig(corpus=dc.corpus, retrieval=dc.retrieval, teacher=dc.teacher,
+                                 teacher_url=dc.teacher_url, teacher_model=dc.teacher_model,
+                                 teacher_source=dc.teacher_source, seed=dc.seed, system_prompt=dc.system_prompt,
+                                 kg_triples=dc.kg_triples, section_lines=dc.section_lines)
+            docs, chunks, graph, retriever = build_sources(gcfg)
+            self.sources = (build_teacher(gcfg, docs, chunks, graph, retriever), docs, chunks, graph, retriever)
+            self.heldout_records = None
+
+    def _generate(self, n: int, start_index: int, path: Path) -> list[dict]:
+        if self.rt.main:
+            teacher, docs, chunks, graph, retriever = self.sources
+            sc = self.cfg.sample
+            was_training = self.model.training
+            self.model.eval()
+            records = generate_pairs(n, teacher, docs, chunks, graph, retriever,
+                                     rejected_source=self.cfg.data.rejected_source, model=self.model,
+                                     tokenizer=self.tok, out_path=path, seed=self.cfg.data.seed,
+                                     start_index=start_index, stage=self.stage, kg_triples=self.cfg.data.kg_triples,
+                                     max_new_tokens=sc.max_new_tokens,
+                                     temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                                     system_prompt=self.cfg.data.system_prompt)
+            self.model.train(was_training)
+            cpu_infer.release(self.model)  # training changes the weights next: the packed CPU copy would go stale
+        if self.rt.world > 1:
+            dist.barrier()
+            if not self.rt.main:
+                records = load_pairs(path)
+        return records
+
+    def heldout(self) -> list[dict]:
+        if self.heldout_records is None:
+            self.heldout_records = self._generate(self.cfg.data.heldout_pairs, self.HELDOUT_INDEX,
+                                                  self.dir / "heldout.jsonl")
+        return self.heldout_records
+
+    def for_iteration(self, it: int) -> list[dict]:
+        if self.sources is None:
+            return self.train_records
+        n = self.cfg.data.pairs_per_iteration
+        return self._generate(n, it * n, self.dir / f"iter_{it:03d}.jsonl")

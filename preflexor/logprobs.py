@@ -16,16 +16,14 @@ Labels are not shifted here: `labels[i]` is the token predicted from `hidden[i]`
 """
 from __future__ import annotations
 
-import os
-
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from preflexor import kernels, matmul
+from preflexor.fast import kernels, matmul
 
 CHUNK_BYTES = 512 * 2**20  # cap on one float32 [chunk, V] logits block: 1040 tokens at V=128256, 2728 at V=49152
-MIN_CHUNK = 256  # rows below which large-H matmuls lose efficiency (measured on CPU at H=3072: +30% at 256 vs 1024)
-IMPL_ENV = "PREFLEXOR_LOGPROBS_IMPL"  # "auto" (default) | "torch" | "triton": force a path, e.g. in tests
+MIN_CHUNK = 256  # rows below which large-H matmuls lose efficiency (bench/RESULTS_loss_head.md)
 
 
 def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
@@ -45,9 +43,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _resolve_impl(impl: str | None, device: torch.device) -> str:
-    impl = impl or os.environ.get(IMPL_ENV, "auto")
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"logprobs impl must be auto|torch|triton (argument or ${IMPL_ENV}), got {impl!r}")
+    impl = impl or "auto"
+    if impl not in ("auto", "torch", "triton", "plain"):
+        raise ValueError(f"logprobs impl must be auto|torch|triton|plain, got {impl!r}")
     if impl == "auto":
         return "triton" if device.type == "cuda" and kernels.available() else "torch"
     if impl == "triton" and not kernels.available():
@@ -104,9 +102,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, use_triton, precompute_grad_hidden,
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, impl, precompute_grad_hidden,
                 rows=None, row_weight=None):
         N = hidden.shape[0]
+        use_triton, linear = impl == "triton", F.linear if impl == "plain" else matmul.linear
         w = weight.to(hidden.dtype)  # the matmul runs in the activations' dtype (bf16 under autocast-style use)
         lse = torch.empty(N, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
         out = torch.empty_like(lse)
@@ -115,7 +114,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_rows_unit = None if rows is None else torch.empty(N, rows.shape[0], dtype=lse.dtype, device=lse.device)
         for s in range(0, N, chunk_size):
             h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
-            logits = matmul.linear(h, w)  # [n, V]; oneDNN for float32 on the CPU
+            logits = linear(h, w)  # [n, V]; oneDNN for float32 on the CPU unless plain
             if use_triton:
                 lse_c, logp_c = kernels.lse_and_logp(logits, y, ignore_index)
                 g = None
@@ -127,9 +126,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             if rows is not None:
                 grad_rows_unit[s:s + chunk_size] = g[:, rows]  # [n, K] columns of the trained rows
             if precompute_grad_hidden:
-                grad_hidden_unit[s:s + chunk_size] = matmul.linear(g.to(w.dtype), w.t())  # (onehot - softmax) @ W
+                grad_hidden_unit[s:s + chunk_size] = linear(g.to(w.dtype), w.t())  # (onehot - softmax) @ W
             del logits, g  # free this [n, V] block before the next chunk's matmul allocates one
-        ctx.ignore_index, ctx.chunk_size, ctx.use_triton = ignore_index, chunk_size, use_triton
+        ctx.ignore_index, ctx.chunk_size, ctx.impl = ignore_index, chunk_size, impl
         ctx.precomputed, ctx.has_rows = precompute_grad_hidden, rows is not None
         if rows is not None:
             ctx.row_dtype = row_weight.dtype
@@ -150,6 +149,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             grad_hidden = grad_hidden_unit * grad_out[:, None].to(grad_hidden_unit.dtype)
             return grad_hidden, None, None, None, None, None, None, None, None
         hidden, weight, labels, lse = ctx.saved_tensors
+        linear = F.linear if ctx.impl == "plain" else matmul.linear
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if need_h else None
@@ -159,11 +159,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         c = ctx.chunk_size
         for s in range(0, hidden.shape[0], c):
             h, y = hidden[s:s + c], labels[s:s + c]
-            g = _chunk_grad(matmul.linear(h, w), y, lse[s:s + c], grad_out[s:s + c], ctx.ignore_index,
-                            ctx.use_triton)
+            g = _chunk_grad(linear(h, w), y, lse[s:s + c], grad_out[s:s + c], ctx.ignore_index,
+                            ctx.impl == "triton")
             g = g.to(w.dtype)  # [n, V]; no copy in float32
             if need_h:
-                grad_hidden[s:s + c] = matmul.linear(g, w.t())
+                grad_hidden[s:s + c] = linear(g, w.t())
             if need_w:
                 if h.dtype == grad_w.dtype:
                     grad_w.addmm_(g.t(), h)
@@ -209,8 +209,9 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         weight: [V, H] LM-head weight (gradient optional: skipped when it does not require grad).
         labels: hidden's leading shape; the token predicted from each hidden row (already shifted).
         chunk_size: tokens per chunk; None picks `default_chunk_size` (a quarter of the tokens, 256 to 512 MiB).
-        impl: "torch" (chunked PyTorch, any device), "triton" (kernels.py; CUDA, or CPU under TRITON_INTERPRET=1),
-            "auto" = triton on CUDA when installed, else torch. Default: $PREFLEXOR_LOGPROBS_IMPL or "auto".
+        impl: "torch" (chunked PyTorch, oneDNN GEMMs on the CPU), "plain" (chunked PyTorch, `F.linear`: the model
+            has no fast paths installed), "triton" (fast/kernels.py; CUDA, or CPU under TRITON_INTERPRET=1),
+            "auto" (default) = triton on CUDA when installed, else torch.
         rows, row_weight: a head whose only trainable part is rows `rows` ([K] distinct token ids) with values
             `row_weight` [K, H] (e.g. `Transformer.head_parts()`). `weight` is then a constant that already holds
             those values; the result and the gradients of hidden and row_weight equal those of
@@ -230,7 +231,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         raise ValueError("token_logps: rows and row_weight go together (both or neither)")
     if rows is not None:
         rows = _check_rows(weight, rows, row_weight)
-    use_triton = _resolve_impl(impl, hidden.device) == "triton"
+    impl = _resolve_impl(impl, hidden.device)
     # an out-of-range label would make the Triton kernels read out of bounds silently; check once, up front
     if bool(((labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))).any()):
         raise ValueError(f"token_logps: labels must be in [0, {weight.shape[0]}) or {ignore_index}")
@@ -242,7 +243,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     precompute = grad_on and hidden.requires_grad and not weight.requires_grad
     if not row_grad:  # constant rows: `weight` already holds them, the plain path is exact
         rows = row_weight = None
-    out = _ChunkedTokenLogps.apply(h2, weight, y, ignore_index, chunk, use_triton, precompute, rows, row_weight)
+    out = _ChunkedTokenLogps.apply(h2, weight, y, ignore_index, chunk, impl, precompute, rows, row_weight)
     return out.view(labels.shape)
 
 

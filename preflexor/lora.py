@@ -1,5 +1,5 @@
-"""LoRA for the Llama `Transformer`: adapters, trainable new-token rows, merge, the adapter-disabled reference, and
-adapter files in PEFT's format.
+"""LoRA for the Llama `Transformer`: adapters, trainable new-token rows, merge, and the adapter-disabled reference
+(adapter files in PEFT's format: peft_io.py).
 
 LoRA (Hu et al. 2021, Eq. 3): h = W0 x + (alpha/r) B A x with A Kaiming-uniform and B zero, so the adapted model is
 the base model at step 0; rsLoRA scales by alpha/sqrt(r) instead. The wrappers keep the base `weight`/`bias` names,
@@ -16,26 +16,19 @@ Trainable new-token rows stay in effect under it (they are part of the stage-1 m
 """
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from preflexor import matmul
 from preflexor.errors import UserError
-from preflexor.utils import atomic_dir
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = PROJECTIONS + ("embed_tokens", "lm_head")
 LORA_NAMES = ("lora_a", "lora_b", "head_lora_a", "head_lora_b")  # adapter parameter names, besides `new_rows`
-PEFT_PREFIX = "base_model.model."
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -104,70 +97,6 @@ def _merged(w: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor | None, sca
     return (w.detach().float() + scale * (delta.T if transpose else delta)).to(w.dtype)
 
 
-class _FrozenLoRA(torch.autograd.Function):
-    """y_i = x W_i^T + b_i + s_i (xd A_i^T) B_i^T for frozen W_i, b_i and modules i sharing the input x (q/k/v, or
-    gate/up), where xd is x or dropout(x). The LoRA term is added into the base GEMM's output (one addmm), the base
-    GEMMs run through `matmul.linear` (oneDNN on the CPU), the modules' A matrices act as one [sum r, in] matrix
-    (one skinny GEMM forward and one backward instead of one per module), and only xd and the [M, sum r] product
-    xd A^T are kept for the backward (the frozen W_i get no gradient):
-    d xa_i = s_i dy_i B_i, dA_i = d xa_i^T xd, dB_i = s_i dy_i^T xa_i, dx = sum_i dy_i W_i (+ d xa A when xd is x).
-    `LoRALinear.forward` and `project` use plain autograd ops wherever this does not apply; tests hold them equal."""
-
-    @staticmethod
-    def forward(ctx, x, xd, scales, *params):  # params: (weight, bias, a, b) per module
-        ws, biases, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
-        x2 = x.reshape(-1, x.shape[-1])
-        xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
-        ranks = [a.shape[0] for a in As]
-        xa = torch.mm(xd2, (As[0] if len(As) == 1 else torch.cat(As)).t())  # [M, sum r]
-        outs = []
-        for w, bias, b, xa_i, scale in zip(ws, biases, Bs, xa.split(ranks, dim=1), scales):
-            y = matmul.linear(x2, w, bias)
-            y.addmm_(xa_i, b.t(), alpha=scale)
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-        ctx.scales, ctx.ranks, ctx.same, ctx.x_shape, ctx.xd_shape = scales, ranks, xd is x, x.shape, xd.shape
-        ctx.save_for_backward(xd2, xa, *ws, *As, *Bs)
-        return tuple(outs)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        n = len(ctx.scales)
-        xd2, xa, *saved = ctx.saved_tensors  # unpacked once (checkpointing allows no second unpack)
-        ws, As, Bs = saved[:n], saved[n:2 * n], saved[2 * n:]
-        g2s = [g.reshape(-1, g.shape[-1]) for g in grads]
-        gxa = torch.cat([torch.mm(g, b) for g, b in zip(g2s, Bs)], dim=1) if n > 1 else torch.mm(g2s[0], Bs[0])
-        for gxa_i, scale in zip(gxa.split(ctx.ranks, dim=1), ctx.scales):
-            gxa_i.mul_(scale)  # [M, r_i]
-        gBs = [torch.mm(g.t(), xa_i).mul_(scale) for g, xa_i, scale in zip(g2s, xa.split(ctx.ranks, dim=1), ctx.scales)]
-        gAs = torch.mm(gxa.t(), xd2).split(ctx.ranks, dim=0)
-        a_cat = As[0] if n == 1 else torch.cat(As)
-        gx = gxd = None
-        if ctx.needs_input_grad[0]:
-            gx = matmul.linear(g2s[0], ws[0].t())  # dy @ W
-            for g, w in zip(g2s[1:], ws[1:]):
-                gx.add_(matmul.linear(g, w.t()))
-            if ctx.same:
-                gx.addmm_(gxa, a_cat)
-            gx = gx.view(ctx.x_shape)
-        if ctx.needs_input_grad[1] and not ctx.same:
-            gxd = torch.mm(gxa, a_cat).view(ctx.xd_shape)
-        per_module = []
-        for gA, gB in zip(gAs, gBs):
-            per_module += [None, None, gA, gB]
-        return (gx, gxd, None, *per_module)
-
-
-def project(x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
-    """[m(x) for m in modules]; LoRA linears on a frozen base without dropout (q/k/v, gate/up) run as one
-    `_FrozenLoRA` call (their A matrices as one GEMM). Same numbers as calling each module."""
-    if len(modules) > 1 and all(isinstance(m, LoRALinear) and m._fused_ok(x) and isinstance(m.dropout, nn.Identity)
-                                for m in modules):
-        params = [t for m in modules for t in (m.weight, m.bias, m.lora_a, m.lora_b)]
-        return list(_FrozenLoRA.apply(x, x, tuple(m.scale for m in modules), *params))
-    return [m(x) for m in modules]
-
-
 class LoRALinear(_Adapted):
     """y = x W^T + b + scale * B A drop(x); `weight`/`bias` are the frozen base module's own parameters.
 
@@ -198,25 +127,10 @@ class LoRALinear(_Adapted):
         return self.active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused_ok(x):
-            return _FrozenLoRA.apply(x, self.dropout(x), (self.scale,), self.weight, self.bias, self.lora_a,
-                                     self.lora_b)[0]
-        if not self.active and self.new_rows is None:
-            return matmul.linear(x, self.weight, self.bias)  # oneDNN when no gradient is needed, else F.linear
         y = F.linear(x, self.rows_weight(), self.bias)
         if self.active:  # dropout on the LoRA branch input only
             y = y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
         return y
-
-    def _fused_ok(self, x: torch.Tensor) -> bool:
-        """`_FrozenLoRA` applies: an active LoRA on a frozen base without trainable rows, one dtype, no
-        autocast."""
-        if not self.active or self.new_rows is not None or self.weight.requires_grad:
-            return False
-        if self.bias is not None and (self.bias.requires_grad or self.bias.dtype != x.dtype):
-            return False
-        return (x.dtype == self.weight.dtype == self.lora_a.dtype == self.lora_b.dtype
-                and not torch.is_autocast_enabled(x.device.type))
 
     def effective_weight(self) -> torch.Tensor:
         """The adapted [out, in] matrix, for callers that apply the head as a weight (the fused loss path). Such a
@@ -518,223 +432,3 @@ def print_trainable(model: nn.Module) -> str:
     line = f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
     print(line)
     return line
-
-
-# -- PEFT adapter files --------------------------------------------------------------------------------------------
-# Keys: base_model.model.<module>.lora_A.weight / .lora_B.weight (linear), .lora_embedding_A / .lora_embedding_B
-# (embedding), .base_layer.weight (a LoRA-targeted embedding/head is saved whole, as PEFT does; it carries trained
-# rows), .token_adapter.trainable_tokens_delta (PEFT "trainable tokens": the new rows' values, not a delta).
-
-
-def _lora_targets(model: nn.Module) -> dict[str, tuple]:
-    """{target name: (r, alpha, rslora, dropout)} of the LoRA adapters present in the model."""
-    out = {}
-    for name, m in adapted_modules(model):
-        leaf = name.rpartition(".")[2]
-        if m.lora_a is not None:
-            p = m.dropout.p if isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Dropout) else 0.0
-            out[leaf] = (m.r, m.alpha, m.rslora, p)
-        if isinstance(m, LoRAEmbedding) and m.head_lora_a is not None:
-            out["lm_head"] = (m.head_r, m.head_alpha, m.head_rslora, 0.0)
-    return out
-
-
-def save_adapter(model: nn.Module, dir: str | Path, base_model_name_or_path: str = "") -> None:
-    """Write `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads (atomic).
-
-    New-token rows go into the saved embedding/head when those are LoRA-targeted, else into PEFT's trainable tokens."""
-    from safetensors.torch import save_file
-
-    targets = _lora_targets(model)
-    if not targets:
-        raise UserError("save_adapter: the model has no LoRA adapters (see new_rows_state_dict for rows alone)")
-    hypers = {h[:3] for h in targets.values()}
-    if len(hypers) != 1:
-        raise ValueError(f"save_adapter: PEFT files need one (r, alpha, rslora) for all targets, got {sorted(hypers)}")
-    (r, alpha, rslora), = hypers
-    tensors, token_indices = {}, {}
-    for name, m in adapted_modules(model):
-        key = PEFT_PREFIX + name
-        if isinstance(m, LoRALinear) and m.lora_a is not None:
-            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = m.lora_a, m.lora_b
-        if isinstance(m, LoRAEmbedding) and m.lora_a is not None:
-            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = m.lora_a, m.lora_b
-        if isinstance(m, LoRAEmbedding) and m.head_lora_a is not None:
-            tensors[PEFT_PREFIX + "lm_head.lora_A.weight"] = m.head_lora_a
-            tensors[PEFT_PREFIX + "lm_head.lora_B.weight"] = m.head_lora_b
-            tensors[PEFT_PREFIX + "lm_head.base_layer.weight"] = m.rows_weight()
-        if m.lora_a is not None and name in ("model.embed_tokens", "lm_head"):
-            tensors[f"{key}.base_layer.weight"] = m.rows_weight()
-        elif m.new_rows is not None:
-            tensors[f"{key}.token_adapter.trainable_tokens_delta"] = m.new_rows
-            token_indices[name.rpartition(".")[2]] = m.row_ids.tolist()
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
-        "r": r, "lora_alpha": alpha, "lora_dropout": max(h[3] for h in targets.values()), "use_rslora": rslora,
-        "target_modules": sorted(targets), "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "use_dora": False, "lora_bias": False,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
-        "trainable_token_indices": token_indices or None, "ensure_weight_tying": False, "revision": None,
-    }
-    with atomic_dir(dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _read_adapter(dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    cfg_path, weights = dir / CONFIG_FILE, dir / WEIGHTS_FILE
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise UserError(f"{p}: not found (a PEFT adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise UserError(f"{weights}: cannot read ({str(e).splitlines()[0]})") from None
-    unsupported = {"peft_type": ("LORA", None), "use_dora": (False, None), "bias": ("none", None),
-                   "modules_to_save": (None, []), "fan_in_fan_out": (False, None), "lora_bias": (False, None),
-                   "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "layers_to_transform": (None, []),
-                   "target_parameters": (None, []), "ensure_weight_tying": (False, None)}
-    for k, ok in unsupported.items():
-        if k in cfg and cfg[k] not in ok:
-            raise UserError(f"{cfg_path}: {k}={cfg[k]!r} is not supported (plain LoRA adapters only)")
-    for k in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(k), (int, float)) or isinstance(cfg.get(k), bool):
-            raise UserError(f"{cfg_path}: missing or non-numeric {k!r}")
-    return cfg, tensors
-
-
-def _plan(model: nn.Module, cfg: dict, tensors: dict, where: Path) -> list[tuple[str, str, str, list | None]]:
-    """Map each file key to (key, our module name, slot, token ids of a rows slot), checking modules and shapes."""
-    r, tied = int(cfg["r"]), model.lm_head is None
-    tti = cfg.get("trainable_token_indices") or {}
-    if isinstance(tti, list):
-        tti = {"embed_tokens": tti}
-    plan = []
-    for key, t in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise UserError(f"{where}: key {key!r} does not start with {PEFT_PREFIX!r}")
-        rest = key[len(PEFT_PREFIX):]
-        for suffix, slot in ((".lora_A.weight", "a"), (".lora_B.weight", "b"), (".lora_embedding_A", "a"),
-                             (".lora_embedding_B", "b"), (".base_layer.weight", "base"),
-                             (".token_adapter.trainable_tokens_delta", "rows")):
-            if rest.endswith(suffix):
-                name = rest[: -len(suffix)]
-                break
-        else:
-            raise UserError(f"{where}: unexpected key {key!r} (not a LoRA tensor)")
-        leaf = name.rpartition(".")[2]
-        if name == "lm_head" and tied:
-            name, V, H = "model.embed_tokens", *model.model.embed_tokens.weight.shape
-            slot = {"a": "head_a", "b": "head_b"}.get(slot, slot)
-            shapes = {"head_a": (r, H), "head_b": (V, r), "base": (V, H)}
-        else:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise UserError(f"{where}: key {key!r} names module {name!r}, which the model does not have") from None
-            out_f, in_f = module.weight.shape
-            if leaf == "embed_tokens":
-                out_f, in_f = in_f, out_f  # an embedding is a linear V -> H: A [r, V], B [H, r]
-            shapes = {"a": (r, in_f), "b": (out_f, r), "base": tuple(module.weight.shape)}
-        if slot == "rows":
-            if leaf not in tti:
-                raise UserError(f"{where}: {key} has no token indices for {leaf!r} in trainable_token_indices")
-            shapes["rows"] = (len(tti[leaf]), model.model.embed_tokens.weight.shape[1])
-        if slot not in shapes:
-            raise UserError(f"{where}: unexpected key {key!r} for module {name!r}")
-        if tuple(t.shape) != shapes[slot]:
-            raise UserError(f"{where}: {key} has shape {tuple(t.shape)} but the model expects {shapes[slot]} "
-                            f"(adapter rank or base model differs)")
-        plan.append((key, name, slot, tti.get(leaf)))
-    return plan
-
-
-def _expected_slots(model: nn.Module, targets: list[str]) -> set[tuple[str, str]]:
-    """(module name, "a"|"b"|"head_a"|"head_b") of every LoRA tensor a model with LoRA on `targets` holds."""
-    out = set()
-    for name, module in model.named_modules():
-        leaf = name.rpartition(".")[2]
-        if leaf in targets and isinstance(module, nn.Linear | LoRALinear) and name != "lm_head":
-            out |= {(name, "a"), (name, "b")}
-    if "embed_tokens" in targets:
-        out |= {("model.embed_tokens", "a"), ("model.embed_tokens", "b")}
-    if "lm_head" in targets:
-        out |= {("model.embed_tokens", "head_a"), ("model.embed_tokens", "head_b")} if model.lm_head is None else \
-            {("lm_head", "a"), ("lm_head", "b")}
-    return out
-
-
-@torch.no_grad()
-def load_adapter(model: nn.Module, dir: str | Path) -> nn.Module:
-    """Load a PEFT LoRA adapter (ours or one trained with `peft`) into a `Transformer`.
-
-    A model without LoRA gets it applied from the adapter's config; a model that already has LoRA must match the
-    adapter's targets and rank (its scale is set to the adapter's). Every check runs before the model is changed
-    (except untying a tied model whose adapter carries a different head matrix, which preserves its function);
-    a mismatch is a one-line UserError naming the file and the key or shape."""
-    dir = Path(dir)
-    cfg, tensors = _read_adapter(dir)
-    where = dir / WEIGHTS_FILE
-    r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
-    head_base = tensors.get(PEFT_PREFIX + "lm_head.base_layer.weight")
-    if model.lm_head is None and head_base is not None:
-        emb_base = tensors.get(PEFT_PREFIX + "model.embed_tokens.base_layer.weight", model.model.embed_tokens.weight)
-        if emb_base.shape == head_base.shape and not torch.equal(emb_base.to(head_base), head_base):
-            # Saved from an untied copy of this model (train_orpo unties before LoRA on lm_head): untie here too.
-            if adapted_modules(model) or not hasattr(model, "untie_head"):
-                raise UserError(f"{where}: the adapter's head matrix differs from the embedding but the model is tied")
-            model.untie_head()
-    plan = _plan(model, cfg, tensors, where)
-    file_targets = sorted({("lm_head" if s.startswith("head") else n.rpartition(".")[2])
-                           for _, n, s, _ in plan if s in ("a", "b", "head_a", "head_b")})
-    unknown = [t for t in file_targets if t not in TARGETS]
-    if unknown:
-        raise UserError(f"{where}: adapter targets {unknown} are not supported (known: {', '.join(TARGETS)})")
-    model_targets = _lora_targets(model)
-    if model_targets:
-        if sorted(model_targets) != file_targets:
-            extra = sorted(set(file_targets) - set(model_targets))
-            missing = sorted(set(model_targets) - set(file_targets))
-            raise UserError(f"{where}: adapter targets {file_targets} differ from the model's LoRA targets "
-                            f"{sorted(model_targets)} (only in adapter: {extra}; only in model: {missing})")
-        ranks = sorted({h[0] for h in model_targets.values()})
-        if ranks != [r]:
-            raise UserError(f"{where}: adapter rank r={r} but the model's LoRA rank is r={ranks[0]}")
-    # Every LoRA tensor the model will hold must come from the file (no silently zero or random adapter).
-    missing = sorted(_expected_slots(model, file_targets) - {(n, s) for _, n, s, _ in plan})
-    if missing:
-        n, s = missing[0]
-        name = "lm_head" if s.startswith("head") else n
-        raise UserError(f"{where}: no {s[-1].upper()} tensor for {PEFT_PREFIX}{name} (adapter covers fewer modules "
-                        f"than the model's targets {file_targets})")
-    if not model_targets:
-        apply_lora(model, r, alpha, float(cfg.get("lora_dropout") or 0.0), file_targets, rslora)
-    scale = lora_scale(alpha, r, rslora)
-    for key, name, slot, ids in plan:
-        t = tensors[key]
-        if slot == "rows":
-            m = _wrap_embedding(model) if name == "model.embed_tokens" else _wrap_head(model)
-            m.set_trainable_rows(torch.as_tensor(ids, dtype=torch.long))
-            pos = m.row_index[torch.as_tensor(ids, device=m.row_index.device)]
-            m.new_rows[pos] = t.to(m.new_rows)
-            continue
-        m = model.get_submodule(name)
-        if slot == "base":
-            m.weight.copy_(t)
-            if m.new_rows is not None:  # trained rows travel inside the saved matrix
-                m.new_rows.copy_(t[m.row_ids.cpu()])
-        elif slot in ("head_a", "head_b"):
-            getattr(m, f"head_lora_{slot[-1]}").copy_(t)
-            m.head_alpha, m.head_rslora, m.head_scale = alpha, rslora, scale
-        else:
-            getattr(m, f"lora_{slot}").copy_(t)
-            m.alpha, m.rslora, m.scale = alpha, rslora, scale
-    freeze_base(model)
-    return model

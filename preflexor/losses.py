@@ -2,18 +2,21 @@
 
 Conventions (reference/losses.md §1, DESIGN.md):
 - Inputs are float tensors of shape [B], one entry per (chosen, rejected) pair; all math is float32.
-- DPO and EXO take summed response log-probs; IPO and ORPO's odds ratio take length-averaged (mean) ones.
-  `LOSSES[name].average_logps` tells the caller which `sequence_logps(..., average=...)` to use.
+- Every loss is called as fn(chosen_logps, rejected_logps, [ref_chosen_logps, ref_rejected_logps], [chosen_nll],
+  **hyperparameters); its `LossSpec` in `LOSSES` says which of the bracketed inputs it takes (`needs_ref`,
+  `needs_nll`), whether the log-probs are summed or length-averaged (`average_logps`), and its hyperparameters with
+  their defaults (`hparams`: the `loss.<key>` config keys). `compute` feeds any registered loss that way, for
+  training and for evaluation alike.
 - Metrics are detached float32 tensors of shape [B] (per example), so a training loop can average them over
   micro-batches and ranks exactly as it averages the loss. Names: rewards/{chosen,rejected,margins,accuracies},
   logps/{chosen,rejected}; ORPO adds nll, log_odds_ratio, log_odds_chosen.
 - The training loss is `losses.mean()`.
-Adding a loss = one function with this contract + one `LOSSES` line.
+Adding a loss = one function with this contract + one `LOSSES` entry (from anywhere, e.g. a test).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -142,19 +145,21 @@ def exo_pair_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torc
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How a training loop feeds a loss: whether it needs reference log-probs, mean vs sum, and ORPO's NLL."""
+    """How to feed a loss: which inputs it takes, mean or summed log-probs, and its hyperparameters with defaults."""
 
     fn: Callable[..., tuple[torch.Tensor, Metrics]]
-    needs_ref: bool  # True: fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, ...)
     average_logps: bool  # sequence_logps(..., average=average_logps)
-    needs_nll: bool = False  # True: fn(chosen, rejected, chosen_nll, beta)
+    needs_ref: bool = False  # takes the reference model's log-probs after the policy's
+    needs_nll: bool = False  # takes the token-mean NLL of the chosen response (ORPO's SFT term)
+    hparams: dict[str, float] = field(default_factory=dict)  # config key `loss.<k>` -> default
 
 
 LOSSES: dict[str, LossSpec] = {
-    "orpo": LossSpec(orpo_loss, needs_ref=False, average_logps=True, needs_nll=True),
-    "sigmoid": LossSpec(dpo_loss, needs_ref=True, average_logps=False),
-    "ipo": LossSpec(ipo_loss, needs_ref=True, average_logps=True),
-    "exo_pair": LossSpec(exo_pair_loss, needs_ref=True, average_logps=False),
+    "orpo": LossSpec(orpo_loss, average_logps=True, needs_nll=True, hparams={"beta": 0.1}),
+    "sigmoid": LossSpec(dpo_loss, average_logps=False, needs_ref=True,
+                        hparams={"beta": 0.1, "label_smoothing": 0.0}),
+    "ipo": LossSpec(ipo_loss, average_logps=True, needs_ref=True, hparams={"beta": 0.1}),
+    "exo_pair": LossSpec(exo_pair_loss, average_logps=False, needs_ref=True, hparams={"beta": 0.1, "epsilon": 1e-3}),
 }
 
 
@@ -163,3 +168,23 @@ def get_loss(name: str, key: str = "loss_type") -> LossSpec:
     if name not in LOSSES:
         raise UserError(f"{key}: unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
+
+
+def hparams(name: str, given: dict[str, float]) -> dict[str, float]:
+    """The loss's hyperparameters: its declared defaults, overridden by the configured values it declares."""
+    return {k: given.get(k, default) for k, default in get_loss(name, key="loss.name").hparams.items()}
+
+
+def compute(name: str, policy: dict, ref: dict | None = None, given: dict | None = None
+            ) -> tuple[torch.Tensor, Metrics]:
+    """Any registered loss from per-sequence log-probs: policy {"chosen", "rejected"[, "nll"]}, ref {"chosen",
+    "rejected"} when the loss needs a reference, and the configured hyperparameters `given`."""
+    spec = get_loss(name, key="loss.name")
+    args = [policy["chosen"], policy["rejected"]]
+    if spec.needs_ref:
+        if ref is None:
+            raise ValueError(f"loss {name!r} needs reference log-probs")
+        args += [ref["chosen"].to(args[0].device), ref["rejected"].to(args[0].device)]
+    if spec.needs_nll:
+        args.append(policy["nll"])
+    return spec.fn(*args, **hparams(name, given or {}))

@@ -18,28 +18,21 @@ assistant_prefix) -> GenerationOut`: our own model through the sampler, or any O
 the last non-empty one. Empty answers are left out of the integration, and when none is left the call is skipped
 (reported), so the counts above hold whenever there is something to integrate.
 
-Extraction never raises. The reference indexes `[0]` into regex matches, so a missing block crashes it and an
-unclosed one yields a single character (§5.3); here every missing, unclosed, repeated or empty block is recorded in
-`ReasoningResult.issues` and the run carries on with a documented fallback.
+Extraction (thinking.py's lenient readers) never raises: every missing, unclosed, repeated or empty block is
+recorded in `ReasoningResult.issues` and the run carries on with a documented fallback.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol
 
+from preflexor.client import ChatClient
 from preflexor.errors import UserError
-from preflexor.evaluate import THINK_END, THINK_START, TRIGGER  # TRIGGER: appended to every question (§1.3)
 from preflexor.sampler import generate_ex
-from preflexor.teacher import HTTPTeacher
-
-REFLECT_START, REFLECT_END = "<|reflect|>", "<|/reflect|>"
-_OPENERS = (THINK_START, REFLECT_START)
-_CLOSERS = (THINK_END, REFLECT_END)
-_ALL_TAGS = (*_OPENERS, *_CLOSERS, "<|scratchpad|>", "<|/scratchpad|>", "<|response|>", "<|/response|>")
+from preflexor.thinking import (REFLECT_END, REFLECT_START, THINK_END, THINK_START, TRIGGER, answer_of, extract_block,
+                                split_response, strip_tags, thinking_prefix)
 
 # -----------------------------------------------------------------------------
 # Prompts: our own wording, with the structure of the reference (§5.1-5.2): critique of a thought process, a
@@ -74,82 +67,7 @@ FOLD_PROMPT = ("\n\nBase your answer on the reasoning below. Do not repeat it; r
 
 
 # -----------------------------------------------------------------------------
-# Extraction (never raises)
-
-def extract_block(text: str, start: str, end: str) -> tuple[str | None, str | None]:
-    """Content of the first `start…end` block of `text` (stripped) and an issue string or None.
-
-    Fallbacks, each reported: `start` without `end` → everything after `start` ("unclosed"); `end` without `start`
-    → everything before `end`; neither → None; several blocks → the first; an empty block → "".
-    """
-    i = text.find(start)
-    if i < 0:
-        j = text.find(end)
-        if j < 0:
-            return None, f"no {start} block"
-        return text[:j].strip(), f"{end} without {start}; took the text before it"
-    body_at = i + len(start)
-    j = text.find(end, body_at)
-    if j < 0:
-        return text[body_at:].strip(), f"unclosed {start}"
-    content = text[body_at:j].strip()
-    issue = None
-    nested = content.find(start)
-    if nested >= 0:  # "<t> a <t> b </t>": the first block never closed before the second opened
-        issue = f"{start} opened twice before {end}"
-    elif text.count(start) > 1:
-        issue = f"{text.count(start)} {start} blocks; used the first"
-    if not content and issue is None:
-        issue = f"empty {start} block"
-    return content, issue
-
-
-def answer_after(text: str, last_tag: str | Sequence[str]) -> tuple[str | None, str | None]:
-    """Text after the last occurrence of `last_tag` (or of whichever of several tags comes last), stripped, cut
-    at a later opening tag (the rest belongs to an unclosed block); None with an issue when no tag occurs."""
-    tags = [last_tag] if isinstance(last_tag, str) else list(last_tag)
-    pos, tag = max(((text.rfind(t), t) for t in tags), key=lambda p: p[0])
-    if pos < 0:
-        return None, f"no {' or '.join(tags)}"
-    rest = text[pos + len(tag):]
-    cut = min((k for k in (rest.find(o) for o in _OPENERS) if k >= 0), default=-1)
-    if cut >= 0:
-        return rest[:cut].strip(), f"{rest[cut:cut + 12].strip()}… after the answer is not closed; dropped it"
-    return rest.strip(), None
-
-
-def split_response(text: str, reflect: bool = False) -> dict:
-    """`{"thinking", "reflection", "answer", "issues"}` of one model response (thinking then, for the reflection
-    model, reflection, then the answer)."""
-    issues: list[str] = []
-    thinking, issue = extract_block(text, THINK_START, THINK_END)
-    issues += [issue] if issue else []
-    reflection = None
-    if reflect:
-        reflection, issue = extract_block(text, REFLECT_START, REFLECT_END)
-        issues += [issue] if issue else []
-    answer, more = answer_of(text)
-    return {"thinking": thinking, "reflection": reflection, "answer": answer, "issues": issues + more}
-
-
-def answer_of(text: str) -> tuple[str, list[str]]:
-    """The answer of a response: the text after the last closing tag. Without any closing tag it is the whole text
-    when no block was opened, else "" (the response ended inside a block)."""
-    answer, issue = answer_after(text, _CLOSERS)
-    if answer is None:
-        if any(o in text for o in _OPENERS):
-            return "", ["response ended inside a block; no answer"]
-        answer, issue = strip_tags(text), None
-    issues = [issue] if issue else []
-    return answer, issues + ([] if answer else ["empty answer"])
-
-
-def strip_tags(text: str) -> str:
-    """`text` without any reasoning-token strings, stripped."""
-    for t in _ALL_TAGS:
-        text = text.replace(t, "")
-    return text.strip()
-
+# The critic's rewrite, made injectable
 
 def clean_critic_thinking(text: str) -> tuple[str, str | None]:
     """The critic's rewritten thinking as plain text for re-injection: if it wrapped it in a thinking block, take
@@ -162,11 +80,6 @@ def clean_critic_thinking(text: str) -> tuple[str, str | None]:
     if issue is None and cleaned != text.strip():
         issue = "critic wrote reasoning tags; removed them"
     return cleaned, issue
-
-
-def thinking_prefix(thinking: str) -> str:
-    """The assistant-turn prefix that injects a thinking block (the reference's `prepend_response`)."""
-    return f"{THINK_START}\n{thinking}\n{THINK_END}"
 
 
 # -----------------------------------------------------------------------------
@@ -191,19 +104,6 @@ class Generator(Protocol):
              assistant_prefix: str = "") -> GenerationOut: ...
 
 
-_model_locks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def _lock_for(model) -> threading.Lock:
-    """One lock per model object: the KV cache lives on the model, so two generations on it must not overlap (the
-    reasoner and the critic may be the same model; the server may call from several threads)."""
-    with _locks_guard:
-        if model not in _model_locks:
-            _model_locks[model] = threading.Lock()
-        return _model_locks[model]
-
-
 class ModelGenerator:
     """Our model through the batched sampler, chat-formatted with its tokenizer.
 
@@ -212,7 +112,8 @@ class ModelGenerator:
     An `assistant_prefix` is appended after the generation prompt as more prompt ids, the same way; the returned
     text is the continuation only. Sampling: top-k/top-p as in the reference (50, 0.9); the seed advances per call
     so repeated calls are not copies, and a run is reproducible for a given seed. A prompt that leaves no room in
-    the model's context raises `UserError`; otherwise `max_tokens` is clipped to the room left.
+    the model's context raises `UserError`; otherwise `max_tokens` is clipped to the room left. Generations on one
+    model run one at a time under `sampler.model_lock`, which `generate_ex` takes itself.
     """
 
     def __init__(self, model, tok, top_k: int | None = 50, top_p: float | None = 0.9, seed: int = 0,
@@ -220,6 +121,7 @@ class ModelGenerator:
         self.model, self.tok = model, tok
         self.top_k, self.top_p, self.seed, self.name = top_k, top_p, seed, name
         self._calls = 0
+        self._seed_lock = threading.Lock()  # guards only the call counter; the model's own lock is in generate_ex
 
     def prompt_ids(self, messages: list[dict], assistant_prefix: str = "") -> list[int]:
         ids = self.tok.encode_chat(messages, add_generation_prompt=True, allow_special=True)
@@ -233,18 +135,18 @@ class ModelGenerator:
         room = ctx - len(ids)
         if room < 1:
             raise UserError(f"prompt of {len(ids)} tokens does not fit the model's context of {ctx} tokens")
-        with _lock_for(self.model):
+        with self._seed_lock:
             seed = self.seed + self._calls
             self._calls += 1
-            res = generate_ex(self.model, [ids], min(max_tokens, room), temperature=temperature, top_k=self.top_k,
-                              top_p=self.top_p, stop_ids=self.tok.stop_ids, seed=seed, pad_id=self.tok.pad_id)
+        res = generate_ex(self.model, [ids], min(max_tokens, room), temperature=temperature, top_k=self.top_k,
+                          top_p=self.top_p, stop_ids=self.tok.stop_ids, seed=seed, pad_id=self.tok.pad_id)
         out = res.tokens[0][0]
         text = self.tok.decode(out, skip_special=True)
         return GenerationOut(text, len(ids), len(out), time.perf_counter() - t0, res.finish_reasons[0][0])
 
 
 class HTTPGenerator:
-    """Any OpenAI-compatible `/v1/chat/completions` endpoint, through the teacher's HTTP client (retries, backoff).
+    """Any OpenAI-compatible `/v1/chat/completions` endpoint, through `client.ChatClient` (retries, backoff).
 
     An assistant prefix is sent, with `prefix_mode="continue"` (default), as a final assistant message together with
     `"continue_final_message": true, "add_generation_prompt": false` — vLLM's and our server's way to continue a
@@ -260,9 +162,8 @@ class HTTPGenerator:
             raise UserError(f"prefix_mode must be 'continue' or 'fold', got {prefix_mode!r}")
         self.prefix_mode = prefix_mode
         self.name = name or base_url
-        self._client = _UsageHTTPTeacher(base_url, model=model, api_key_env=api_key_env, timeout=timeout,
-                                         max_retries=max_retries)
-        self.url = self._client.url
+        self.client = ChatClient(base_url, model, api_key_env, timeout, max_retries)
+        self.url = self.client.url
 
     def chat(self, messages: list[dict], temperature: float = 0.1, max_tokens: int = 512,
              assistant_prefix: str = "") -> GenerationOut:
@@ -275,35 +176,9 @@ class HTTPGenerator:
         elif assistant_prefix:
             last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
             messages[last_user]["content"] += FOLD_PROMPT.format(prefix=assistant_prefix)
-        text, usage, finish = self._client.complete_ex(messages, temperature, max_tokens, extra)
-        return GenerationOut(text, usage.get("prompt_tokens"), usage.get("completion_tokens"),
-                             time.perf_counter() - t0, finish)
-
-
-class _UsageHTTPTeacher(HTTPTeacher):
-    """HTTPTeacher (retries, backoff, bounded concurrency) that also sends extra body fields and hands back the
-    response's `usage` and `finish_reason`; per thread, so concurrent calls do not mix."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self._local = threading.local()
-
-    def _request(self, body: bytes) -> dict:
-        extra = getattr(self._local, "extra", None)
-        if extra:
-            body = json.dumps({**json.loads(body), **extra}).encode("utf-8")
-        out = super()._request(body)
-        self._local.response = out
-        return out
-
-    def complete_ex(self, messages: list[dict], temperature: float, max_tokens: int,
-                    extra: dict | None = None) -> tuple[str, dict, str | None]:
-        self._local.extra, self._local.response = extra, None
-        text = self.complete(messages, temperature, max_tokens)
-        out = self._local.response or {}
-        usage = out.get("usage") if isinstance(out.get("usage"), dict) else {}
-        choice = (out.get("choices") or [{}])[0]
-        return text, usage, (choice.get("finish_reason") if isinstance(choice, dict) else None)
+        out = self.client.complete(messages, temperature, max_tokens, extra)
+        return GenerationOut(out.text, out.usage.get("prompt_tokens"), out.usage.get("completion_tokens"),
+                             time.perf_counter() - t0, out.finish_reason)
 
 
 # -----------------------------------------------------------------------------

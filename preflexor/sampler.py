@@ -14,8 +14,8 @@ Each row draws exactly one uniform per step while it is alive and takes the toke
 distribution's cumulative sum (an inverse-CDF draw; with top-k it runs over the k candidates only, so a step needs no
 vocabulary-sized sort or noise).
 
-On a float32 CPU model the decode steps run through `cpu_infer` (weights repacked for the CPU's matmuls, the same
-tokens; `fast=False` or PREFLEXOR_FAST_CPU=0 keeps the model's own forward).
+On a float32 CPU model with the fast paths installed (`fast.install`) the decode steps run through `cpu_infer`
+(weights repacked for the CPU's matmuls, the same tokens; `fast=False` keeps the model's own forward).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from preflexor import cpu_infer
+from preflexor.fast import cpu_infer
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -242,7 +242,7 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
         compile: torch.compile the decode step (CUDA only; compiled once per batch size and cache length, so it pays
             off for repeated calls of one shape). Finished rows then stay in the batch, keeping its shape fixed.
         fast: decode with `cpu_infer`'s repacked weights and lean step (same tokens; logits equal up to float rounding).
-            None (default) = on for float32 models on the CPU unless PREFLEXOR_FAST_CPU=0; False = the plain model.
+            None (default) = on for float32 CPU models with the fast paths installed; False = the plain model.
     """
     B, N = len(prompts), num_samples
     if N < 1:

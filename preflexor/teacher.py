@@ -5,7 +5,7 @@ Every teacher offers the same data methods, so datagen.py is teacher-agnostic:
 triples)`, `answer(question, context, thinking)`, `incorrect_answer(question)`.
 
 - `HTTPTeacher`: any OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp server, Ollama, mistral.rs,
-  OpenAI, our own server.py) over stdlib urllib, with retries, backoff and a bounded number of concurrent requests.
+  OpenAI, our own server.py) through `client.ChatClient`.
 - `LocalTeacher`: our sampler on any checkpoint, chat-formatted.
 - `GroundedTeacher`: no LLM at all. It writes everything from the ontology corpus and the knowledge graph with
   templates, deterministically for a seed, so its answers can be checked against the ontology.
@@ -18,19 +18,14 @@ Graph-PRefLexOR style (arXiv 2501.08120, §4.1: `[A] -[RELATION]-> [B]` lines), 
 from __future__ import annotations
 
 import hashlib
-import http.client
-import json
-import os
 import random
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
+from preflexor.client import ChatClient
 from preflexor.errors import UserError
 from preflexor.graph import parse_triples
 
@@ -135,68 +130,22 @@ class ChatTeacher:
 
 
 class HTTPTeacher(ChatTeacher):
-    """OpenAI-compatible chat completions over urllib (no client library needed at run time).
-
-    Connection errors, timeouts, HTTP 429 and 5xx are retried `max_retries` times with exponential backoff
-    (backoff * 2**attempt seconds, honouring Retry-After up to 30 s); other HTTP errors and the final failure raise
-    one `UserError`. At most `max_concurrency` requests are in flight at once across all threads.
-    """
+    """The teacher behind any OpenAI-compatible endpoint (`client.ChatClient`: retries, backoff, bounded concurrency);
+    `complete_many` sends its requests together, at most `max_concurrency` at once."""
 
     name = "http"
 
     def __init__(self, base_url: str, model: str = "default", api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5, max_concurrency: int = 4,
                  max_tokens: int = 1024):
-        url = base_url.rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise UserError(f"teacher url {base_url!r} must start with http:// or https://")
-        if not url.endswith("/chat/completions"):
-            url = url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
-        self.url, self.model, self.api_key_env = url, model, api_key_env
-        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
-        self.concurrency = self.max_concurrency = max(1, int(max_concurrency))
-        self.max_tokens = max_tokens
-        self._slots = threading.BoundedSemaphore(self.max_concurrency)
-        self.retries = 0  # retried requests so far (for logs and tests)
+        self.client = ChatClient(base_url, model, api_key_env, timeout, max_retries, backoff, max_concurrency)
+        self.url, self.model, self.max_tokens = self.client.url, model, max_tokens
+        self.concurrency = self.max_concurrency = self.client.max_concurrency
 
-    def _request(self, body: bytes) -> dict:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return json.loads(resp.read().decode("utf-8"))
+    retries = property(lambda self: self.client.retries)  # retried requests so far (for logs and tests)
 
     def complete(self, messages: list[dict], temperature: float = 0.2, max_tokens: int = 1024) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens}).encode("utf-8")
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            wait = self.backoff * 2 ** attempt
-            try:
-                with self._slots:
-                    out = self._request(body)
-                try:
-                    content = out["choices"][0]["message"]["content"]
-                except (KeyError, IndexError, TypeError):
-                    raise UserError(f"teacher {self.url}: response without choices[0].message.content: "
-                                    f"{json.dumps(out)[:200]}") from None
-                return content or ""
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode("utf-8", "replace")[:200] if e.fp is not None else ""
-                if e.code != 429 and e.code < 500:
-                    raise UserError(f"teacher {self.url}: HTTP {e.code} {e.reason}: {detail}") from None
-                last = f"HTTP {e.code} {e.reason}"
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    wait = min(float(retry_after), 30.0)
-            except (urllib.error.URLError, http.client.HTTPException, OSError, json.JSONDecodeError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            if attempt < self.max_retries:
-                self.retries += 1
-                time.sleep(wait)
-        raise UserError(f"teacher {self.url} failed after {self.max_retries + 1} attempts ({last})")
+        return self.client.complete(messages, temperature, max_tokens).text
 
     def complete_many(self, list_of_messages: list[list[dict]], temperature: float = 0.2,
                       max_tokens: int = 1024) -> list[str]:

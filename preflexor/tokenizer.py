@@ -28,10 +28,9 @@ import tokenizers
 from tokenizers import AddedToken
 
 from preflexor.errors import UserError
+from preflexor.thinking import TAGS as REASONING_TOKENS  # the reasoning tokens are the thinking grammar's tags
 from preflexor.utils import atomic_write_json, atomic_write_text
 
-REASONING_TOKENS = ("<|thinking|>", "<|/thinking|>", "<|reflect|>", "<|/reflect|>",
-                    "<|scratchpad|>", "<|/scratchpad|>", "<|response|>", "<|/response|>")
 _RESERVED = re.compile(r"<\|reserved_special_token_(\d+)\|>")
 # A ChatML template's built-in system message: '<|im_start|>system\n<literal text><|im_end|>' inside one string.
 _DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]+?)<\|im_end\|>")
@@ -183,8 +182,8 @@ class Tokenizer:
     def reasoning_ids(self) -> dict[str, int]:
         return {t: self._tk.token_to_id(t) for t in REASONING_TOKENS if self._tk.token_to_id(t) is not None}
 
-    think_start_id = property(lambda self: self.token_id("<|thinking|>"))
-    think_end_id = property(lambda self: self.token_id("<|/thinking|>"))
+    think_start_id = property(lambda self: self.token_id(REASONING_TOKENS[0]))
+    think_end_id = property(lambda self: self.token_id(REASONING_TOKENS[1]))
     reflect_start_id = property(lambda self: self.token_id("<|reflect|>"))
     reflect_end_id = property(lambda self: self.token_id("<|/reflect|>"))
 

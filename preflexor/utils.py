@@ -1,8 +1,9 @@
-"""Small shared helpers: atomic file and directory writes, JSONL appends, git hash."""
+"""Small shared helpers: atomic file and directory writes, JSONL appends, git hash, the machine a result came from."""
 from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -85,3 +86,20 @@ def git_hash() -> str:
                               text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def machine_info() -> dict:
+    """CPU model, cores, torch/Python versions, torch threads and the CUDA device, for results files."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

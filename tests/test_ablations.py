@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from preflexor.ablations import (ROOT, estimate_cost, load_grid, main, recursion_sweep, run_dir, seed_overrides,
-                                 training_phases)
+from ablations import ROOT, estimate_cost, load_grid, main, recursion_sweep, run_dir, seed_overrides, training_phases
 from preflexor.errors import UserError
 
 THINK = "<|thinking|>\n**Reasoning Steps**:\n\n{a} relates to {b}.\n\n<|/thinking|>\n{A} is a kind of {b}."
@@ -95,14 +94,14 @@ def test_micro_grid_runs_resumes_and_regenerates_the_report(tmp_path, tiny_llama
     for c in g.cells:
         d = run_dir(out, c, 0)
         ev = json.loads((d / "eval.json").read_text())
-        assert 0.0 <= ev["metrics"]["reward_accuracy"] <= 1.0 and ev["n_questions"] == 2
+        assert 0.0 <= ev["metrics"]["rewards/accuracies"] <= 1.0 and ev["n_questions"] == 2
         cost = json.loads((d / "cost.json").read_text())
-        assert cost["eval_s"] > 0 and "preflexor.evaluate" in cost["eval_command"]
+        assert cost["eval_s"] > 0 and "evaluate.py" in cost["eval_command"]
     assert json.loads((run_dir(out, g.cell("s1"), 0) / "cost.json").read_text())["train_s"] > 0
     text = report.read_text()
     s1 = json.loads((run_dir(out, g.cell("s1"), 0) / "eval.json").read_text())["metrics"]
     row = next(line for line in text.splitlines() if line.startswith("| `s1`"))
-    assert f"{s1['nll_chosen']:.3f}" in row and f"--only s1`" in row  # the number and the command next to it
+    assert f"{s1['nll']:.3f}" in row and f"--only s1`" in row  # the number and the command next to it
     assert "machine:" in text and "torch" in text and "OMP_NUM_THREADS=1" in text
     assert (report.parent / "ablations.png").is_file()
 

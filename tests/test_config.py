@@ -11,7 +11,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert cfg.train.lr == 3e-5 and cfg.train.out_dir == "runs/x"
     assert cfg.lora.r == 8 and cfg.lora.targets == ["q_proj", "v_proj"]
     assert cfg.data.pairs is None
-    assert isinstance(cfg.loss.beta, float) and cfg.loss.beta == 1.0  # an int is accepted for a float key
+    beta = cfg.loss.params["beta"]  # a loss hyperparameter (losses.LOSSES[...].hparams), kept beside the others
+    assert isinstance(beta, float) and beta == 1.0 and cfg.loss.hparams() == {"beta": 1.0}  # an int is accepted
     assert cfg.model.source == "smollm2-135m-instruct"  # untouched defaults stay
 
 
@@ -19,6 +20,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("train.lrr=1", "unknown config key 'train.lrr' (valid: "),
     ("trian.lr=1", "unknown config key 'trian'"),
     ("lora.r=abc", "config key 'lora.r' expects int, got 'abc'"),
+    ("loss.epsilonn=0.1", "unknown config key 'loss.epsilonn' (valid: beta, epsilon, keep_delimiter, label_smoothing"),
+    ("loss.beta=abc", "config key 'loss.beta' expects float, got 'abc'"),
     ("train.lr", "must look like key=value"),
 ])
 def test_bad_keys_and_types_are_one_line_errors(override, needle):

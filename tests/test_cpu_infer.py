@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import preflexor.sampler as sampler
-from preflexor import cpu_infer
+from preflexor import fast
+from preflexor.fast import cpu_infer
 from preflexor.checkpoint import load_model
 from preflexor.lora import PROJECTIONS, apply_lora, disable_lora, lora_parameters, merge_lora, train_new_token_rows
 from preflexor.sampler import generate, generate_ex
@@ -22,12 +23,15 @@ ATOL, RTOL = 2e-4, 1e-4  # float32, different GEMM kernels (oneDNN, MKL, OpenBLA
 
 @pytest.fixture(scope="module")
 def models(hf_tiny_model, tmp_path_factory):
-    """{"llama": ours, "qwen2": ours} loaded from random transformers models (qwen2 has q/k/v biases)."""
+    """{"llama": ours, "qwen2": ours} loaded from random transformers models (qwen2 has q/k/v biases), with the fast
+    paths installed; "plain_llama" without them."""
     out = {}
     for kind in ("llama", "qwen2"):
         d = tmp_path_factory.mktemp(f"tiny_fast_{kind}")
         hf_tiny_model(kind, seed=4).save_pretrained(d)
-        out[kind] = load_model(d)
+        out[kind] = fast.install(load_model(d))
+        if kind == "llama":
+            out["plain_llama"] = load_model(d)
     return out
 
 
@@ -65,10 +69,10 @@ def test_fast_path_equals_plain_path(monkeypatch, models, kind, prompts):
 @pytest.mark.parametrize("gemv", ["numpy", "torch"])
 def test_one_row_matmul_backends(monkeypatch, models, gemv):
     """With one torch thread a one-row generation runs its matmuls through numpy's BLAS (held to one thread);
-    PREFLEXOR_FAST_CPU=torch keeps torch's. Both equal the plain path."""
+    `fast.install(model, numpy_blas=False)` keeps torch's. Both equal the plain path."""
     pytest.importorskip("threadpoolctl")
     if gemv == "torch":
-        monkeypatch.setenv(cpu_infer.ENV_SWITCH, "torch")
+        monkeypatch.setattr(models["qwen2"], "numpy_blas", False)
     calls = []
     real = cpu_infer.np.matmul
     monkeypatch.setattr(cpu_infer.np, "matmul", lambda *a: calls.append(1) or real(*a))
@@ -152,16 +156,18 @@ def test_weight_changes_between_generations_are_picked_up(monkeypatch, models):
 
 
 def test_default_switch(monkeypatch, models):
-    """On by default for a float32 CPU model; PREFLEXOR_FAST_CPU=0 or fast=False keep the plain path."""
-    model = models["llama"]
+    """On by default for a float32 CPU model with the fast paths installed; an uninstalled model (`fast: false`, or
+    PREFLEXOR_FAST=0 at install time) or fast=False keep the plain path."""
+    model, plain = models["llama"], models["plain_llama"]
     calls = []
     real = cpu_infer.packed
     monkeypatch.setattr(cpu_infer, "packed", lambda m, rows: calls.append(rows) or real(m, rows))
     want = generate(model, RAGGED, 6, fast=False)
     assert calls == []
     assert generate(model, RAGGED, 6) == want and calls == [len(RAGGED)]
-    monkeypatch.setenv(cpu_infer.ENV_SWITCH, "0")
-    assert generate(model, RAGGED, 6) == want and calls == [len(RAGGED)]
+    monkeypatch.setenv(fast.ENV, "0")
+    assert fast.install(plain) is plain and not fast.installed(plain)
+    assert generate(plain, RAGGED, 6) == want and calls == [len(RAGGED)]
     assert generate(model, RAGGED, 6, fast=True) == want and calls == [len(RAGGED)] * 2
     with pytest.raises(ValueError, match="fast=True"):
         generate_ex(model, RAGGED, 6, fast=True, compile=True)

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from preflexor.data import read_pairs, tokenize_pair, validate_record
-from preflexor.datagen import (THINKING_TRIGGER, example_seed, generate_pairs, model_prompt, read_existing)
+from preflexor.datagen import example_seed, generate_pairs, model_prompt, read_existing
 from preflexor.errors import UserError
 from preflexor.graph import parse_triples
 from preflexor.teacher import SECTIONS, GroundedTeacher, HTTPTeacher, clean_definition
+from preflexor.thinking import TRIGGER
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION_RE = re.compile(r"^\*\*(.+?)\*\*:$", re.M)
@@ -61,7 +62,7 @@ def test_grounded_pairs_wellformed_grounded_and_deterministic(sources, tmp_path)
     for r in recs:
         assert validate_record(r) is None
         m = r["meta"]
-        assert r["prompt"] == m["question"] + THINKING_TRIGGER and "<|thinking|>" not in m["question"]
+        assert r["prompt"] == m["question"] + TRIGGER and "<|thinking|>" not in m["question"]
         thinking, sections, answer = split_chosen(r["chosen"])
         assert list(sections) == SECTIONS and all(sections.values())  # all 7 sections, in order, non-empty
         assert answer == m["answer"] and len(answer.split()) >= 10

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from evaluate import evaluate_run
 from preflexor.errors import UserError
-from preflexor.evaluate import (THINK_END, THINK_START, concept_recall, evaluate_run, final_answer, key_concepts,
-                                lcs_length, parse_scores, parse_verdict, reference_answer, rouge_l, split_thinking,
-                                token_f1)
+from preflexor.metrics import (concept_recall, key_concepts, lcs_length, parse_scores, parse_verdict, reference_answer,
+                               rouge_l, token_f1)
+from preflexor.thinking import THINK_END, THINK_START
 
 # -----------------------------------------------------------------------------
 # metric functions
@@ -57,18 +58,9 @@ def test_lcs_matches_brute_force():
         assert lcs_length(a, b) == brute(a, b)
 
 
-def test_split_thinking_and_final_answer():
-    ok = f"  {THINK_START}\nsteps\n{THINK_END}\nThe answer."
-    assert split_thinking(ok) == {"thinking": "steps", "answer": "The answer.", "well_formed": True, "issue": None}
-    assert split_thinking("plain")["issue"] == "no opening <|thinking|>"
-    assert split_thinking(f"{THINK_START} never closed")["issue"] == "unclosed <|thinking|>"
-    assert split_thinking(f"{THINK_START}a{THINK_END}b{THINK_START}c{THINK_END}d")["issue"] == \
-        "more than one thinking block"
-    assert split_thinking(f"{THINK_START}a{THINK_END}  ")["issue"] == "empty answer"
-    assert final_answer(ok) == "The answer."
-    assert final_answer(f"{THINK_START}a{THINK_END}b{THINK_START}c{THINK_END} last") == "last"
-    assert final_answer(f"{THINK_START} cut off") == ""
-    assert final_answer("no  thinking\nat all") == "no thinking at all"
+def test_reference_answer():
+    """The grounded ground truth: meta.answer, else the chosen answer after its thinking (the grammar's tests are in
+    test_thinking.py)."""
     rec = {"prompt": "q", "chosen": f"{THINK_START}x{THINK_END}\nRef answer.", "rejected": "r", "meta": {}}
     assert reference_answer(rec) == "Ref answer."
     assert reference_answer({**rec, "meta": {"answer": "From meta."}}) == "From meta."
@@ -164,7 +156,7 @@ def judge_url():
 
 
 def test_judge_rubric_and_pairwise_both_orders(judge_url):
-    from preflexor.evaluate import Judge, judge_answers
+    from preflexor.metrics import Judge, judge_answers
 
     rows = [{"question": f"q{i}", "reference": "ref", "response": "GOOD answer" if i % 2 == 0 else "weak"}
             for i in range(4)]
@@ -196,13 +188,13 @@ def runs(tmp_path_factory, tiny_llama_dir):
     import train_dpo
     import train_orpo
 
-    from preflexor import evaluate
+    from preflexor import metrics
     from preflexor.datagen import DatagenConfig, build_sources, build_teacher, generate_pairs
 
     root = tmp_path_factory.mktemp("evalruns")
     cfg = DatagenConfig(seed=3)
     docs, chunks, graph, retriever = build_sources(cfg)
-    evaluate._GRAPHS.setdefault("ontology", graph)  # the same graph evaluate would build: build it once
+    metrics._GRAPHS.setdefault("ontology", graph)  # the same graph evaluate would build: build it once
     pairs = root / "pairs.jsonl"
     generate_pairs(8, build_teacher(cfg, docs, chunks, graph, retriever), docs, chunks, graph, retriever,
                    rejected_source="teacher_incorrect", out_path=pairs, seed=3, progress=False)
@@ -234,14 +226,15 @@ def test_evaluate_run_stage1_and_stage2(runs, judge_url):
         m, last = r["metrics"], _last_eval(run)
         # the merged final model on the run's held-out pairs reproduces training's last held-out evaluation
         assert m["loss"] == pytest.approx(last["eval/loss"], rel=1e-3, abs=1e-4)
-        assert m["reward_accuracy"] == pytest.approx(last["eval/rewards/accuracies"], abs=1e-6)
-        assert m["reward_margin"] == pytest.approx(last["eval/rewards/margins"], rel=1e-3, abs=1e-4)
-        for k in ("format_rate", "opens_thinking_rate", "token_f1", "rouge_l", "logp_accuracy", "reward_accuracy"):
+        assert m["rewards/accuracies"] == pytest.approx(last["eval/rewards/accuracies"], abs=1e-6)
+        assert m["rewards/margins"] == pytest.approx(last["eval/rewards/margins"], rel=1e-3, abs=1e-4)
+        assert m["nll"] == pytest.approx(last["eval/nll"], rel=1e-3, abs=1e-4)  # one set of names, one computation
+        for k in ("format_rate", "opens_thinking_rate", "token_f1", "rouge_l", "logps/accuracies", "rewards/accuracies"):
             assert 0.0 <= m[k] <= 1.0, k
-        assert m["nll_chosen"] > 0 and m["tokens_per_s"] > 0 and r["n_questions"] == 3
+        assert m["nll"] > 0 and m["tokens_per_s"] > 0 and r["n_questions"] == 3
         assert len(r["pairs"]["margins"]) == 3 and len(r["samples"]) == 3
         assert all(s["key_concepts"] for s in r["samples"])  # the grounded provenance gives key concepts
-        assert "| reward_accuracy |" in (run / "eval.md").read_text()
+        assert "| rewards/accuracies |" in (run / "eval.md").read_text()
     assert r1["loss"] == "orpo" and r1["reference"] is None and r1["stage"] == 1
     assert r2["loss"] == "exo_pair" and r2["reference"] == str(runs["s1"] / "final" / "model") and r2["stage"] == 2
     assert r1["metrics"]["loss"] != pytest.approx(r2["metrics"]["loss"])  # different objectives, different numbers
@@ -276,7 +269,7 @@ def test_evaluate_base_and_bad_input(tmp_path, tiny_llama_dir):
 
 
 def test_cli_exit_code_on_bad_input(tmp_path, capsys):
-    from preflexor.evaluate import main
+    from evaluate import main
 
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "missing")])
@@ -288,23 +281,11 @@ def test_format_rate_stops_rows_that_cannot_be_well_formed(tiny_llama_dir):
     import torch
 
     from preflexor.checkpoint import load_model_and_tokenizer
-    from preflexor.evaluate import _MalformedStop, format_rate, generate_responses
+    from preflexor.metrics import format_rate, generate_responses
 
     model, tok = load_model_and_tokenizer(tiny_llama_dir, dtype="float32")
     enc = lambda s: tok.encode(s, allow_special=True)  # noqa: E731
-    start, end = tok.reasoning_ids[THINK_START], tok.reasoning_ids[THINK_END]
-
-    def feed(ids):
-        watch = _MalformedStop(tok, 1)
-        return [watch(0, t) for t in ids], watch.stopped[0]
-
-    assert feed(enc("\n") + [start] + enc("\nstep one") + [end] + enc("Answer."))[1] is False
-    assert feed(enc("Bone is hard."))[0][0] is True  # the first non-blank text is not the opening tag
-    blank = enc("\n\n")
-    assert feed(blank + enc("Bone"))[0][:len(blank) + 1] == [False] * len(blank) + [True]
-    assert feed(enc("<|thin"))[1] is False  # the tag spelled out in pieces may still become it
-    mid = enc(" a ")
-    assert feed([start] + mid + [start])[0] == [False] * (1 + len(mid)) + [True]  # a second opening tag
+    start = tok.reasoning_ids[THINK_START]  # the token-by-token rule (`FormatWatch`) is tested in test_thinking.py
 
     def force(token_id: int) -> None:
         """Make greedy decoding emit `token_id` every step: its (tied) head row dominates every logit."""

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from preflexor import kernels  # noqa: E402
+from preflexor.fast import kernels  # noqa: E402
 from preflexor.logprobs import token_logps, token_logps_reference  # noqa: E402
 
 IGNORE = -100

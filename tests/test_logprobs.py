@@ -281,15 +281,20 @@ def test_default_chunk_size_and_bad_args():
         token_logps(hidden, weight, labels, impl="cuda")
 
 
-def test_impl_env_var(monkeypatch):
-    monkeypatch.setenv(logprobs.IMPL_ENV, "bogus")
-    hidden, weight, labels = _inputs(N=8)
-    with pytest.raises(ValueError, match="PREFLEXOR_LOGPROBS_IMPL"):
-        token_logps(hidden, weight, labels)
-    monkeypatch.setenv(logprobs.IMPL_ENV, "torch")
-    assert logprobs._resolve_impl(None, torch.device("cpu")) == "torch"
-    monkeypatch.delenv(logprobs.IMPL_ENV)
+def test_impl_choice_and_the_plain_path():
+    """No impl = auto = the chunked torch path on the CPU; "plain" (no fast paths installed: `F.linear`, no oneDNN)
+    equals it, values and gradients; anything else is a ValueError naming the choices."""
+    hidden, weight, labels = _inputs(N=40)
     assert logprobs._resolve_impl(None, torch.device("cpu")) == "torch"  # auto on CPU
+    with pytest.raises(ValueError, match="auto|torch|triton|plain"):
+        token_logps(hidden, weight, labels, impl="bogus")
+    grad_out = torch.randn(40)
+    for weight_grad in (False, True):
+        a, b = (_fwd_bwd(lambda h, w, y: token_logps(h, w, y, chunk_size=16, impl=impl), hidden, weight, labels,
+                         grad_out, weight_grad) for impl in ("torch", "plain"))
+        for x, y in zip(a, b):
+            if x is not None:
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 def test_sequence_logps_sum_mean_and_masks():

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from preflexor.errors import UserError
 from preflexor.lora import (LoRAEmbedding, LoRALinear, PROJECTIONS, apply_lora, count_trainable, disable_lora,
-                            load_adapter, load_lora_state_dict, load_new_rows, lora_parameters, lora_state_dict, merge_lora,
-                            new_rows_state_dict, print_trainable, project, save_adapter, train_new_token_rows,
-                            trainable_parameters)
-from preflexor.model import ModelConfig, Transformer
+                            load_lora_state_dict, load_new_rows, lora_parameters, lora_state_dict, merge_lora,
+                            new_rows_state_dict, print_trainable, train_new_token_rows, trainable_parameters)
+from preflexor.model import ModelArgs, Transformer
+from preflexor.peft_io import load_adapter, save_adapter
 
 ALL = PROJECTIONS + ("embed_tokens", "lm_head")
 V = 64
@@ -22,7 +22,7 @@ NEW = [60, 61, 63]  # "new token" rows
 
 def tiny(tied: bool, seed: int = 0, hidden: int = 32) -> Transformer:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=V, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    cfg = ModelArgs(vocab_size=V, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=64)
     return Transformer(cfg).eval()
 
@@ -110,76 +110,6 @@ def test_lora_linear_merge_exact_and_idempotent():
             pass
 
 
-def _plain_forward(module: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The textbook LoRA forward with autograd's own ops: x W^T + b + scale B A drop(x)."""
-    y = F.linear(x, module.weight, module.bias)
-    return y + F.linear(F.linear(module.dropout(x), module.lora_a), module.lora_b) * module.scale
-
-
-@pytest.mark.parametrize("bias,dropout,shape", [(False, 0.0, (3, 10)), (True, 0.0, (2, 5, 7)), (True, 0.3, (4, 9))])
-@pytest.mark.parametrize("onednn", ["1", "0"])
-def test_fused_lora_linear_equals_plain_autograd(monkeypatch, bias, dropout, shape, onednn):
-    """`_FrozenLoRA` (the CPU fp32 training path: one GEMM + addmm, its own backward) == the plain ops, output
-    and the gradients of x, A and B (1e-5), with dropout drawn from the same seed; the frozen W gets none."""
-    monkeypatch.setenv("PREFLEXOR_ONEDNN", onednn)
-    torch.manual_seed(0)
-    m = LoRALinear(nn.Linear(48, 80, bias=bias), r=6, alpha=12, dropout=dropout).train()
-    nn.init.normal_(m.lora_b, std=0.5)
-    x = torch.randn(*shape, 48, requires_grad=True)
-    w_out = torch.randn(*shape, 80)
-    results = []
-    for forward in (m.forward, lambda t: _plain_forward(m, t)):
-        torch.manual_seed(7)
-        y = forward(x)
-        grads = torch.autograd.grad((y * w_out).sum(), (x, m.lora_a, m.lora_b))
-        results.append((y, grads, type(y.grad_fn).__name__))
-    (y, grads, name), (y_ref, grads_ref, _) = results
-    assert name == "_FrozenLoRABackward"
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
-    assert m.weight.grad is None
-
-
-@pytest.mark.parametrize("dropouts", [(0.0, 0.0, 0.0), (0.0, 0.2, 0.0)])
-def test_project_groups_modules_sharing_an_input(dropouts):
-    """`project(x, q, k, v)`: modules of different widths, ranks, scales and biases in one `_FrozenLoRA` call (or,
-    with a dropout among them, one call each) == each module's textbook forward; gradients of x and every A, B."""
-    torch.manual_seed(0)
-    mods = [LoRALinear(nn.Linear(40, out, bias=bias), r=r, alpha=alpha, dropout=p).train()
-            for out, bias, r, alpha, p in zip((40, 24, 24), (True, False, True), (4, 6, 2), (8, 3, 2), dropouts)]
-    for m in mods:
-        nn.init.normal_(m.lora_b, std=0.5)
-    x = torch.randn(2, 7, 40, requires_grad=True)
-    params = [x] + [t for m in mods for t in (m.lora_a, m.lora_b)]
-    weights = [torch.randn(2, 7, m.out_features) for m in mods]
-    results = []
-    for run in (lambda: project(x, *mods), lambda: [_plain_forward(m, x) for m in mods]):
-        torch.manual_seed(5)
-        ys = run()
-        results.append((ys, torch.autograd.grad(sum((y * w).sum() for y, w in zip(ys, weights)), params)))
-    (ys, grads), (ys_ref, grads_ref) = results
-    grouped = len({y.grad_fn for y in ys}) == 1
-    assert grouped == (max(dropouts) == 0.0)
-    for a, b in zip(list(ys) + list(grads), list(ys_ref) + list(grads_ref)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_fused_lora_linear_falls_back_where_it_does_not_apply():
-    """A trainable base weight, or a disabled adapter, keeps the plain ops (same numbers as the textbook forward)."""
-    torch.manual_seed(0)
-    m = LoRALinear(nn.Linear(16, 8), r=2, alpha=4)
-    x = torch.randn(3, 16, requires_grad=True)
-    assert type(m(x).grad_fn).__name__ == "_FrozenLoRABackward"
-    m.weight.requires_grad_(True)
-    y = m(x)
-    assert type(y.grad_fn).__name__ != "_FrozenLoRABackward"
-    torch.testing.assert_close(y, _plain_forward(m, x))
-    m.weight.requires_grad_(False)
-    with disable_lora(m):
-        torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-6, rtol=1e-6)
-
-
 def test_apply_lora_rejects_bad_input():
     with pytest.raises(UserError, match="unknown target 'qkv_proj'"):
         apply_lora(tiny(True), r=4, alpha=8, targets=["q_proj", "qkv_proj"])
@@ -193,9 +123,9 @@ def test_apply_lora_rejects_bad_input():
 def test_smollm2_default_trainable_count(capsys):
     try:  # the real SmolLM2-135M-Instruct config (converted from the packaged GGUF once, then cached)
         from preflexor.checkpoint import default_model_dir
-        cfg = ModelConfig.from_hf(default_model_dir() / "config.json")
+        cfg = ModelArgs.from_hf(default_model_dir() / "config.json")
     except Exception:  # asset package missing: the same sizes by hand
-        cfg = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        cfg = ModelArgs(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                           num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
     with torch.device("meta"):  # counting needs no weights
         base = Transformer(cfg)
@@ -273,8 +203,10 @@ def test_policy_logps_rows_head_equals_full_head_autograd(tied, monkeypatch):
     """Stage 1 (LoRA on the projections + trained new-token rows): `policy_logps` takes the rows path of
     `token_logps` through `head_parts()`, and the ORPO losses and every trainable gradient equal those of the old
     path (the [V, H] `head_weight()` with full autograd) within 1e-5; the disabled reference gives the same values."""
-    import preflexor.train as train
+    from preflexor import preference
+    from preflexor.config import LossConfig
     from preflexor.losses import get_loss
+    from preflexor.runtime import Runtime
 
     model = apply_lora(tiny(tied), r=4, alpha=8)  # stage1_orpo.yaml: projections only
     train_new_token_rows(model, NEW)
@@ -286,17 +218,18 @@ def test_policy_logps_rows_head_equals_full_head_autograd(tied, monkeypatch):
     weight, rows, row_weight = model.head_parts()
     assert row_weight is head.new_rows and torch.equal(rows, torch.tensor(NEW)) and not weight.requires_grad
     assert torch.equal(weight, model.head_weight())
-    rt, spec, batch = train.Runtime(torch.device("cpu"), torch.float32, None), get_loss("orpo"), pairs_batch()
+    rt, batch = Runtime(torch.device("cpu"), torch.float32, None), pairs_batch()
     calls = []
-    real_token_logps = train.token_logps
-    monkeypatch.setattr(train, "token_logps", lambda *a, **kw: calls.append(kw["rows"]) or real_token_logps(*a, **kw))
+    real_token_logps = preference.token_logps
+    monkeypatch.setattr(preference, "token_logps",
+                        lambda *a, **kw: calls.append(kw["rows"]) or real_token_logps(*a, **kw))
 
     def step():
         model.zero_grad(set_to_none=True)
-        losses, _ = train.preference_loss(model, batch, spec, "orpo", 0.1, 0.0, rt)
+        losses, _ = preference.preference_loss(model, batch, LossConfig(name="orpo"), rt)
         losses.mean().backward()
         with torch.no_grad():
-            ref = train.reference_logps(model, batch, get_loss("sigmoid"), rt)
+            ref = preference.reference_logps(model, batch, get_loss("sigmoid"), rt)
         return losses.detach(), ref, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     fast = step()

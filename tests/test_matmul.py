@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from preflexor import matmul
+from preflexor.fast import matmul
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -19,7 +19,7 @@ def test_linear_equals_f_linear(transposed, bias):
 
 
 def test_linear_steps_aside(monkeypatch):
-    """Inputs that need autograd (oneDNN's op has no backward), float64, autocast and the env switch take F.linear."""
+    """Inputs that need autograd (oneDNN's op has no backward), float64, autocast and `ONEDNN = False` take F.linear."""
     x, w = torch.randn(5, 8), torch.randn(4, 8)
     xg = x.clone().requires_grad_(True)
     assert not matmul.onednn_ok(xg, w) and not matmul.onednn_ok(x.double(), w.double())
@@ -30,5 +30,5 @@ def test_linear_steps_aside(monkeypatch):
         assert matmul.onednn_ok(xg, w) == torch.backends.mkldnn.is_available()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not matmul.onednn_ok(x, w) and matmul.linear(x, w).dtype == torch.bfloat16
-    monkeypatch.setenv(matmul.ENV_SWITCH, "0")
+    monkeypatch.setattr(matmul, "ONEDNN", False)
     assert not matmul.onednn_ok(x, w)

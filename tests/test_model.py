@@ -118,16 +118,16 @@ def test_cached_and_uncached_greedy_decoding_agree(case, tmp_path, hf_tiny_model
 
 
 def test_rms_norm_backward_matches_autograd():
-    """`_RMSNormCPU` (hand-written backward, used for float32 on the CPU when training) == autograd through
+    """`fast.layers._RMSNormCPU` (hand-written backward, float32 on the CPU when training) == autograd through
     F.rms_norm: gradcheck in float64, and float32 values and gradients of x and a trainable weight."""
-    from preflexor.model import RMSNorm, _RMSNormCPU
+    from preflexor.fast.layers import FastRMSNorm, _RMSNormCPU
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: _RMSNormCPU.apply(a, b, 1e-5), (x, w))
 
-    norm = RMSNorm(64, 1e-5)
+    norm = FastRMSNorm(64, 1e-5)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.3, generator=g)
     x = (torch.randn(3, 5, 64, generator=g) * 4).requires_grad_()
@@ -146,7 +146,8 @@ def test_apply_rope_matches_the_rotate_half_formula():
     """`apply_rope` (one output written in halves, backward = rotation by -sin) == x cos + rotate_half(x) sin, values
     and gradients bit for bit, on a transposed (B, heads, T, D) view as the attention passes it; mixed dtypes take the
     formula."""
-    from preflexor.model import _Rope, apply_rope, rotate_half
+    from preflexor.fast.layers import _Rope, apply_rope
+    from preflexor.model import rotate_half
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
@@ -174,8 +175,8 @@ def test_tiled_attention_equals_sdpa_per_segment(monkeypatch, tile):
     backward) == SDPA per segment with the full masks, values and q/k/v gradients: equal prompts (one broadcast mask),
     unequal prompts (padding keys masked), one merged block or one block per half, grouped-query heads; tiles of 2, 3
     and 64 positions (so one, several and ragged tiles)."""
-    import preflexor.model as M
-    from preflexor.model import SharedPrompt
+    import preflexor.fast.shared_prompt as M
+    from preflexor.fast.shared_prompt import SharedPrompt
 
     monkeypatch.setattr(M, "TILE_ROWS", tile)
     g = torch.Generator().manual_seed(0)
@@ -198,10 +199,12 @@ def test_tiled_attention_equals_sdpa_per_segment(monkeypatch, tile):
 
 def test_shared_prompt_layout_is_checked():
     """A `SharedPrompt` layout describes one packed row of an exact length; anything else is a ValueError."""
-    from preflexor.model import ModelConfig, SharedPrompt, Transformer
+    from preflexor import fast
+    from preflexor.fast.shared_prompt import SharedPrompt
+    from preflexor.model import ModelArgs, Transformer
 
-    model = Transformer(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    model = fast.install(Transformer(ModelArgs(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=8)))
     layout = SharedPrompt([(4, 3)], torch.tensor([[True, True], [True, False]]))  # 4 answers of 3, 2 prompts of 2
     assert layout.length == 16 and layout.masks[0].shape == (4, 1, 3, 5)
     assert bool(layout.masks[0][1, 0, 0, 1]) is False and bool(layout.masks[0][2, 0, 0, 1]) is True  # i % 2 -> prompt

@@ -16,9 +16,9 @@ import torch
 
 from preflexor.errors import UserError
 from preflexor.reasoning import (CRITIQUE_PROMPT, INTEGRATE_PROMPT, NO_REFLECTION_FEEDBACK, SYSTEM_CRITIC,
-                                 GenerationOut, HTTPGenerator, ModelGenerator,
-                                 answer_after, clean_critic_thinking, expected_calls, extract_block,
-                                 recursive_reflection, recursive_thinking, split_response, thinking_prefix)
+                                 GenerationOut, HTTPGenerator, ModelGenerator, clean_critic_thinking, expected_calls,
+                                 recursive_reflection, recursive_thinking)
+from preflexor.thinking import thinking_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 TS, TE, RS, RE = "<|thinking|>", "<|/thinking|>", "<|reflect|>", "<|/reflect|>"
@@ -184,45 +184,9 @@ def test_open_thinking_prefills_the_tag():
     assert log[0]["prefix"] == TS and res.rounds[0].thinking == "pre-opened" and res.issues == []
 
 
-# -- extraction ------------------------------------------------------------------------------------------------
+# -- the critic's rewrite (the parsers themselves: test_thinking.py) ----------------------------------------------
 
-@pytest.mark.parametrize("text, content, issue", [
-    (f"{TS}a{TE} b", "a", None),
-    ("no tags at all", None, "no <|thinking|> block"),
-    ("", None, "no <|thinking|> block"),
-    (f"{TS} cut off", "cut off", "unclosed <|thinking|>"),
-    (f"before{TE} after", "before", "<|/thinking|> without <|thinking|>; took the text before it"),
-    (f"{TS}one{TE}{TS}two{TE} x", "one", "2 <|thinking|> blocks; used the first"),
-    (f"{TS}a {TS} b{TE}", "a <|thinking|> b", "<|thinking|> opened twice before <|/thinking|>"),
-    (f"{TS}  {TE} x", "", "empty <|thinking|> block"),
-    (f"{TE} x {TS} y", "y", "unclosed <|thinking|>"),
-])
-def test_extract_block(text, content, issue):
-    assert extract_block(text, TS, TE) == (content, issue)
-
-
-@pytest.mark.parametrize("text, reflect, expected", [
-    (f"{TS}t{TE}\nthe answer", False, ("t", None, "the answer", [])),
-    ("bare answer", False, (None, None, "bare answer", ["no <|thinking|> block"])),
-    ("", False, (None, None, "", ["no <|thinking|> block", "empty answer"])),
-    (f"{TS}t", False, ("t", None, "", ["unclosed <|thinking|>", "response ended inside a block; no answer"])),
-    (f"{TS}t{TE}", False, ("t", None, "", ["empty answer"])),
-    (f"{TS}t{TE}{RS}r{RE} ans", True, ("t", "r", "ans", [])),
-    (f"{RS}r{RE} ans", True, (None, "r", "ans", ["no <|thinking|> block"])),  # reflect without thinking
-    (f"{TS}t{TE} ans", True, ("t", None, "ans", ["no <|reflect|> block"])),
-    (f"{TS}t{TE} ans {RS} cut", True,
-     ("t", "cut", "ans", ["unclosed <|reflect|>", "<|reflect|>… after the answer is not closed; dropped it"])),
-    (f"{TS}a{TE}{TS}b{TE} final", False, ("a", None, "final", ["2 <|thinking|> blocks; used the first"])),
-])
-def test_split_response(text, reflect, expected):
-    p = split_response(text, reflect=reflect)
-    assert (p["thinking"], p["reflection"], p["answer"], p["issues"]) == expected
-
-
-def test_answer_after_and_critic_cleaning():
-    assert answer_after(f"a{TE}b{TE} c ", TE) == ("c", None)
-    assert answer_after("nothing", TE) == (None, "no <|/thinking|>")
-    assert answer_after(f"x{RE} late {TE} later", [TE, RE]) == ("later", None)
+def test_critic_cleaning():
     assert clean_critic_thinking(" plain rewrite ") == ("plain rewrite", None)
     assert clean_critic_thinking(f"Sure! {TS}inner{TE} hope it helps") == ("inner", "critic wrote thinking tags; used their content")
     assert clean_critic_thinking(f"text {RS}") == ("text", "critic wrote reasoning tags; removed them")

@@ -3,11 +3,11 @@ embedded default (SmolLM2-135M-Instruct, the ontology corpus, the grounded teach
 
 A grid is a YAML file (configs/ablations/*.yaml) of cells. Each cell is one setting, repeated over seeds:
 - `base`: the base model, evaluated only;
-- `stage1`: `train_orpo.py` with overrides, then `python -m preflexor.evaluate`;
+- `stage1`: `train_orpo.py` with overrides, then `python evaluate.py`;
 - `stage2`: `train_dpo.py` from a stage-1 cell's merged model (`from:`), with overrides, then the evaluation;
 - `recursion`: inference only: a stage-2 cell's model answers with N rounds of critique and re-answering
   (`reasoning.recursive_thinking`, the base model as critic), with and without the final integration, scored with
-  the same answer-quality metrics (`python -m preflexor.ablations recursion ...`).
+  the same answer-quality metrics (`python ablations.py recursion ...`).
 
 Every step runs as a subprocess (OMP_NUM_THREADS from the grid) into `<out>/runs/<cell>/seed<k>/`; its command,
 log and wall time are kept there (cost.json). A cell whose eval.json exists is never rerun, an interrupted training
@@ -15,7 +15,7 @@ resumes from its checkpoints (`train.resume=auto`), so rerunning the same comman
 the report (results/ablations.md: mean ± std over seeds per cell and metric, the command of every number, commit,
 machine, date, measured costs and the full grid's estimated cost) and its PNG plots are regenerated.
 
-    python -m preflexor.ablations --grid configs/ablations/reduced.yaml [--out runs/ablations/reduced]
+    python ablations.py --grid configs/ablations/reduced.yaml [--out runs/ablations/reduced]
         [--report results/ablations.md] [--only CELL ...] [--force] [--report-only]
 
 Seeds: seed k sets train.seed = 1000 + k (stage 1) / 2000 + k (stage 2) and data.seed = 10 k (stage 1) /
@@ -38,14 +38,22 @@ from pathlib import Path
 
 import yaml
 
+from preflexor import fast
+from preflexor.checkpoint import load_model_and_tokenizer, read_run_config, run_model_source
+from preflexor.config import RunConfig, from_dict, load_config, to_dict
+from preflexor.data import load_pairs
 from preflexor.errors import UserError, exit_on_user_error
+from preflexor.metrics import METRIC_DOC, _mean, corpus_graph, score_answers, summarize_answers
+from preflexor.reasoning import ModelGenerator, recursive_thinking
+from preflexor.thinking import THINK_START, TRIGGER, split_thinking
+from preflexor.utils import atomic_write_json, atomic_write_text, git_hash, machine_info, save_png
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
 KINDS = ("base", "stage1", "stage2", "recursion")
 SCRIPTS = {"stage1": "train_orpo.py", "stage2": "train_dpo.py"}
 # columns of the report: metric key in eval.json -> header
-TABLE_METRICS = {"reward_accuracy": "reward acc", "reward_margin": "reward margin", "nll_chosen": "NLL chosen",
-                 "logp_accuracy": "logp acc", "format_rate": "format", "token_f1": "F1", "rouge_l": "ROUGE-L",
+TABLE_METRICS = {"rewards/accuracies": "reward acc", "rewards/margins": "reward margin", "nll": "NLL chosen",
+                 "logps/accuracies": "logp acc", "format_rate": "format", "token_f1": "F1", "rouge_l": "ROUGE-L",
                  "concept_recall": "concept recall", "answer_words": "answer words", "tokens_per_s": "tok/s"}
 _NAME = re.compile(r"^[A-Za-z0-9_.+=-]+$")
 
@@ -207,9 +215,9 @@ def eval_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
     d = run_dir(out, cell, seed)
     ev, qs = grid.eval, _rel(grid.eval_set(out))
     if cell.kind == "base":
-        return [sys.executable, "-m", "preflexor.evaluate", "base", "--base-model", grid.base_model, "--heldout", qs,
+        return [sys.executable, "evaluate.py", "base", "--base-model", grid.base_model, "--heldout", qs,
                 "--out", _rel(d), "--n", str(ev["n_questions"]), "--max-new-tokens", str(ev["max_new_tokens"])]
-    return [sys.executable, "-m", "preflexor.evaluate", _rel(d), "--questions", qs, "--n", str(ev["n_questions"]),
+    return [sys.executable, "evaluate.py", _rel(d), "--questions", qs, "--n", str(ev["n_questions"]),
             "--max-new-tokens", str(ev["max_new_tokens"])]
 
 
@@ -222,7 +230,7 @@ def recursion_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]
     parent = grid.cell(cell.source)
     sibs = [c for c in grid.cells if c.kind == "recursion" and c.group == cell.group]
     rc = grid.recursion
-    return [sys.executable, "-m", "preflexor.ablations", "recursion",
+    return [sys.executable, "ablations.py", "recursion",
             _rel(run_dir(out, parent, source_seed(grid, cell, seed))), "--questions", _rel(grid.eval_set(out)),
             "--n", str(rc["n_questions"]), "--max-new-tokens", str(rc["max_new_tokens"]), "--critic", str(rc["critic"]),
             "--depths", ",".join(str(d) for d in sorted({c.depth for c in sibs})),
@@ -234,8 +242,6 @@ def stale_keys(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
     """Config keys whose value in a finished training run differs from what its command resolves to now (the grid
     or a shipped config changed since): that run's numbers no longer follow from its command. A cell that starts
     from a stale cell is stale too."""
-    from preflexor.config import RunConfig, load_config, to_dict
-
     if cell.source is not None:
         parent = grid.cell(cell.source)
         if stale_keys(grid, parent, source_seed(grid, cell, seed), out):
@@ -271,8 +277,6 @@ def _cost(d: Path) -> dict:
 
 
 def _save_cost(d: Path, cost: dict) -> None:
-    from preflexor.utils import atomic_write_json
-
     atomic_write_json(d / "cost.json", cost)
 
 
@@ -402,8 +406,6 @@ def _run_recursion(grid: Grid, cell: Cell, seed: int, out: Path, log) -> str:
     if key not in sw["variants"]:
         log(f"[grid] {cell.name}: the sweep at {sweep} has no variant {key}")
         return "failed"
-    from preflexor.utils import atomic_write_json
-
     d = run_dir(out, cell, seed)
     v = sw["variants"][key]
     total = max(sum(x["seconds"] for x in sw["variants"].values()), 1e-9)
@@ -429,21 +431,15 @@ def recursion_sweep(model_dir: str | Path, questions: str | Path, n_questions: i
     Writes recursion.json and recursion.md in `out_dir`."""
     import torch
 
-    from preflexor.checkpoint import load_model_and_tokenizer
-    from preflexor.config import DataConfig
-    from preflexor.data import load_pairs
-    from preflexor.evaluate import (TRIGGER, _machine, _mean, corpus_graph, read_run_config, run_model_source,
-                                    score_answers, split_thinking, summarize_answers)
-    from preflexor.reasoning import ModelGenerator, recursive_thinking
-    from preflexor.utils import atomic_write_json, atomic_write_text, git_hash
-
     model_dir = Path(model_dir)
-    cfg = read_run_config(model_dir)
-    data_cfg = DataConfig(**{k: v for k, v in (cfg.get("data") or {}).items() if k in DataConfig.__dataclass_fields__})
+    run_cfg = from_dict(RunConfig, read_run_config(model_dir), where=f"{model_dir}/config.json")
+    data_cfg = run_cfg.data
     records = load_pairs(questions)[:n_questions]
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(run_model_source(model_dir, critic), dtype=torch.float32)
     cmodel, ctok = load_model_and_tokenizer(critic, dtype=torch.float32, add_reasoning_tokens=False)
+    fast.install(model, run_cfg.model.fast)
+    fast.install(cmodel, run_cfg.model.fast)
     reasoner = ModelGenerator(model.eval(), tok, top_k=None, top_p=None, name="reasoner")
     crit = ModelGenerator(cmodel.eval(), ctok, top_k=None, top_p=None, name="critic")
     graph = corpus_graph(data_cfg.corpus)
@@ -466,7 +462,7 @@ def recursion_sweep(model_dir: str | Path, questions: str | Path, n_questions: i
         for r, (_, res, s, _t, n_calls) in zip(rows, items):
             first = split_thinking(res.rounds[0].response)
             r.update(well_formed=first["well_formed"], issue=first["issue"],
-                     opens_thinking=res.rounds[0].response.lstrip().startswith("<|thinking|>"), calls=n_calls,
+                     opens_thinking=res.rounds[0].response.lstrip().startswith(THINK_START), calls=n_calls,
                      seconds=round(s, 2), rounds=[x.answer for x in res.rounds])
         m = summarize_answers(rows)
         secs, toks = sum(it[2] for it in items), sum(it[3] for it in items)
@@ -474,9 +470,9 @@ def recursion_sweep(model_dir: str | Path, questions: str | Path, n_questions: i
         variants[f"N{d}{'+int' if integ else ''}"] = {"depth": d, "integrate": integ, "metrics": m, "samples": rows,
                                                        "seconds": secs}
     result = {"model": str(model_dir), "critic": critic, "questions": str(questions), "n_questions": len(records),
-              "max_new_tokens": max_new_tokens, "variants": variants, "git": git_hash(), "machine": _machine(),
+              "max_new_tokens": max_new_tokens, "variants": variants, "git": git_hash(), "machine": machine_info(),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": command or "python -m preflexor.ablations recursion " + " ".join(sys.argv[2:])}
+              "command": command or "python ablations.py recursion " + " ".join(sys.argv[2:])}
     if out_dir is not None:
         out = Path(out_dir)
         lines = [f"# Recursive reasoning sweep of `{model_dir}`", "", f"critic `{critic}`, {len(records)} questions, "
@@ -534,8 +530,6 @@ def estimate_cost(grid: Grid, measured: Grid, out: Path) -> dict:
     kind is scaled linearly by its own amount of work (setup: held-out pairs x sampled tokens; generation: pairs x
     sampled tokens (model-written rejected) or pairs (teacher-written); training: pair-steps; evaluation: questions x
     new tokens + held-out pairs; recursion: questions x new tokens x calls)."""
-    from preflexor.config import RunConfig, load_config
-
     def rcfg(g: Grid, c: Cell, seed: int = 0):
         st = g.stage[c.kind]
         return load_config(RunConfig, ROOT / st["config"], [*st["overrides"], *seed_overrides(c.kind, seed),
@@ -604,11 +598,8 @@ def _calls(depth: int | None, integrate: bool | None) -> int:
 
 def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
     """results/ablations.md (+ PNGs beside it): the table of mean ± std over seeds, commands, costs, machine."""
-    from preflexor.evaluate import METRIC_DOC, _machine
-    from preflexor.utils import atomic_write_text, git_hash
-
     data = collect(grid, out)
-    machine = next((e["machine"] for v in data.values() for e in v["evals"]), _machine())
+    machine = next((e["machine"] for v in data.values() for e in v["evals"]), machine_info())
     commits = sorted({e.get("git", "?") for v in data.values() for e in v["evals"]})
     dates = sorted(e.get("date", "") for v in data.values() for e in v["evals"])
     grid_rel = _rel(grid.path)
@@ -671,7 +662,7 @@ def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
                 row.append("—" if mean is None else f"{mean:.{nd}f}" + (f" ± {std:.{nd}f}" if std is not None else ""))
             secs = [_cell_seconds(x) for x in v["costs"]]
             row.append(f"{sum(secs) / len(secs) / 60:.1f}" if secs else "—")
-            row.append(f"`python -m preflexor.ablations --grid {grid_rel} --only {c.name}`")
+            row.append(f"`python ablations.py --grid {grid_rel} --only {c.name}`")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines += ["Metrics: " + "; ".join(f"**{TABLE_METRICS[k]}** = {METRIC_DOC.get(k, k)}" for k in cols) + ".", ""]
@@ -711,7 +702,7 @@ def plot_report(grid: Grid, data: dict, folder: Path, stem: str) -> list[Path]:
     written = []
     cells = [c for c in grid.cells if c.kind != "recursion" and data[c.name]["evals"]]
     if cells:
-        keys = ["format_rate", "token_f1", "rouge_l", "concept_recall", "logp_accuracy", "nll_chosen"]
+        keys = ["format_rate", "token_f1", "rouge_l", "concept_recall", "logps/accuracies", "nll"]
         fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 0.32 * len(cells) + 1.6), sharey=True)
         names = [c.name for c in cells]
         for ax, k in zip(axes, keys):
@@ -719,7 +710,7 @@ def plot_report(grid: Grid, data: dict, folder: Path, stem: str) -> list[Path]:
             ax.barh(range(len(names)), [m or 0 for m, _ in st], xerr=[s or 0 for _, s in st], color="tab:blue",
                     alpha=0.8, capsize=2)
             ax.set_title(TABLE_METRICS[k], fontsize=9)
-            if k != "nll_chosen":
+            if k != "nll":
                 ax.set_xlim(0, 1)  # rates
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3, axis="x")
@@ -753,8 +744,6 @@ def plot_report(grid: Grid, data: dict, folder: Path, stem: str) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    from preflexor.utils import save_png
-
     return save_png(fig, path)
 
 
@@ -762,7 +751,7 @@ def _save(fig, path: Path) -> Path:
 # CLI
 
 def _recursion_main(argv: list[str]) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m preflexor.ablations recursion",
+    ap = argparse.ArgumentParser(prog="python ablations.py recursion",
                                  description="Recursive-reasoning sweep of one run (inference-time ablation).")
     ap.add_argument("run", help="run directory whose final/model answers")
     ap.add_argument("--questions", required=True, help="JSONL of held-out pairs (questions + grounded answers)")
@@ -781,7 +770,7 @@ def _recursion_main(argv: list[str]) -> dict:
                         f"{a.integrate!r})") from None
     if min(depths) < 1:
         raise UserError("--depths must be >= 1")
-    cmd = "python -m preflexor.ablations recursion " + " ".join(argv)
+    cmd = "python ablations.py recursion " + " ".join(argv)
     res = recursion_sweep(a.run, a.questions, a.n, a.max_new_tokens, a.critic, depths, integ, a.out, cmd)
     print(json.dumps({k: {m: (round(x, 4) if isinstance(x, float) else x) for m, x in v["metrics"].items()}
                       for k, v in res["variants"].items()}))
@@ -806,7 +795,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out) if a.out else ROOT / "runs" / "ablations" / grid.name
     report = Path(a.report) if a.report else ROOT / "results" / ("ablations.md" if grid.name == "reduced" else
                                                                  f"ablations_{grid.name}.md")
-    cmd = f"python -m preflexor.ablations --grid {a.grid}" + (f" --out {a.out}" if a.out else "") + \
+    cmd = f"python ablations.py --grid {a.grid}" + (f" --out {a.out}" if a.out else "") + \
         (f" --report {a.report}" if a.report else "")
     t0 = time.perf_counter()
     status = {} if a.report_only else run_grid(grid, out, a.only, a.force)

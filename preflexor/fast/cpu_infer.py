@@ -2,15 +2,12 @@
 over the sampler's KV cache. Same math as `model.Transformer.forward`; only float rounding differs (~1e-6). The
 prefill stays the model's own forward (one call per generation); only its head uses the packed weight.
 
-Why it pays (measured on an AMD Zen 4 CPU, 1 thread, SmolLM2-135M; bench/RESULTS_generate.md): a decode step is
-~200 small matmuls, memory-bound, plus ~1000 small ops. `F.linear(x, W)` with W stored [out, in] (what both this
-model and transformers run) reaches about half the memory bandwidth at batch 1 and runs a poor GEMM at batch 2-16.
-- batch 1 ("t"): each weight stored transposed, [in, out] contiguous, so x @ W^T streams W once, row after row
-  (the 113 MB head: 10 ms -> 6 ms per token). With one torch thread these GEMVs go to numpy's BLAS (OpenBLAS in
-  numpy's wheels, held to one thread for the generation with threadpoolctl), whose GEMV streams at 16-26 GB/s
-  where MKL's reaches 10-20 on this CPU: about 15% more per token. PREFLEXOR_FAST_CPU=torch keeps torch's matmul.
-- batch > 1 ("mkldnn"): oneDNN-prepacked weights (`torch.ops.mkldnn._reorder_linear_weight`), ~1.7x faster than
-  MKL's GEMM for 2-16 rows.
+Why it pays (numbers in bench/RESULTS_generate.md): a decode step is ~200 small memory-bound matmuls plus ~1000 small
+ops, and `F.linear(x, W)` with W stored [out, in] streams W poorly at batch 1 and runs a poor GEMM at batch 2-16.
+- batch 1 ("t"): each weight stored transposed, [in, out] contiguous, so x @ W^T streams W once, row after row.
+  With one torch thread these GEMVs go to numpy's BLAS (held to one thread with threadpoolctl), whose GEMV streams
+  faster than MKL's on the CPUs measured; `fast.install(model, numpy_blas=False)` keeps torch's matmul.
+- batch > 1 ("mkldnn"): oneDNN-prepacked weights (`torch.ops.mkldnn._reorder_linear_weight`).
 - q/k/v and gate/up fused into one matrix each; RoPE applied to q and k in one pass; attention over the filled
   cache slots only, grouped-query attention by reshaping the queries (no copy of K/V per query head), and no mask
   when no row is left-padded.
@@ -23,7 +20,6 @@ one extra copy of the weights per kind used; `release(model)` frees it.
 """
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from contextlib import contextmanager
@@ -33,8 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ENV_SWITCH = "PREFLEXOR_FAST_CPU"  # "0": fast path off by default; "torch": on, without numpy's BLAS
-_MKLDNN_BATCH_HINT = 8  # oneDNN picks the packed layout for this many rows; measured as good from 2 to 256 rows
+_MKLDNN_BATCH_HINT = 8  # oneDNN picks the packed layout for this many rows (bench/RESULTS_generate.md)
 
 _packs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {kind: (key, Packed)}
 _packs_guard = threading.Lock()
@@ -47,14 +42,17 @@ def available(model) -> bool:
 
 
 def default_on(model) -> bool:
-    """What `generate_ex(fast=None)` uses: on for CPU float32 models unless PREFLEXOR_FAST_CPU=0."""
-    return available(model) and os.environ.get(ENV_SWITCH, "1") != "0"
+    """What `generate_ex(fast=None)` uses: on for float32 CPU models with the fast paths installed (`fast.install`)."""
+    from preflexor import fast
+
+    return available(model) and fast.installed(model)
 
 
-def _numpy_blas_limits():
+def _numpy_blas_limits(model):
     """threadpoolctl's limiter holding numpy's BLAS to one thread, or None (fall back to torch's matmul) when the
-    user asked for torch only, torch runs several threads (their pools would compete), or threadpoolctl is absent."""
-    if os.environ.get(ENV_SWITCH) == "torch" or torch.get_num_threads() != 1:
+    model was installed with numpy_blas=False, torch runs several threads (their pools would compete), or
+    threadpoolctl is absent."""
+    if not getattr(model, "numpy_blas", True) or torch.get_num_threads() != 1:
         return None
     try:
         from threadpoolctl import threadpool_limits
@@ -189,7 +187,7 @@ def session(model, rows: int) -> Iterator[Packed]:
     """The model's pack for one generation that starts with `rows` rows, with numpy's BLAS set up for its one-row
     matmuls when that applies (see the module docstring)."""
     pack = packed(model, rows)
-    limits = _numpy_blas_limits() if pack.kind == "t" else None
+    limits = _numpy_blas_limits(model) if pack.kind == "t" else None
     if limits is None:
         yield pack
         return

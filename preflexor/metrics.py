@@ -1,0 +1,415 @@
+"""Metrics: the training log (metrics.jsonl + curves), the thinking-format rate of greedy answers, answer quality
+against the grounded reference (token F1, ROUGE-L, key-concept recall), and an LLM judge's rubric and pairwise
+verdicts (any OpenAI-compatible endpoint), parsed robustly.
+
+A response is well formed when it opens with one `<|thinking|>…<|/thinking|>` block (leading whitespace allowed),
+contains no further thinking delimiters, and is followed by a non-empty answer (thinking.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from preflexor.client import ChatClient
+from preflexor.corpus import load_corpus
+from preflexor.errors import UserError
+from preflexor.graph import IS_A, KnowledgeGraph
+from preflexor.sampler import generate_ex
+from preflexor.thinking import THINK_START, TRIGGER, FormatWatch, final_answer, split_thinking, strip_tags
+from preflexor.utils import append_jsonl, save_png
+
+_WORD = re.compile(r"[^\W_]+")  # letters and digits; punctuation and underscores separate words
+
+
+METRIC_DOC = {
+    "loss": "held-out loss with the run's own objective",
+    "rewards/accuracies": "fraction of held-out pairs with reward(chosen) > reward(rejected)",
+    "rewards/margins": "mean reward(chosen) - reward(rejected)",
+    "rewards/chosen": "mean reward of the chosen responses", "rewards/rejected": "mean reward of the rejected ones",
+    "logps/chosen": "mean log-prob of the chosen responses as the loss sees them (its mask, sum or mean)",
+    "logps/rejected": "the same for the rejected responses",
+    "nll": "token-mean NLL of the chosen responses (thinking + answer)",
+    "logps/accuracies": "fraction of pairs with mean log-prob(chosen) > mean log-prob(rejected) (no reference, no loss)",
+    "format_rate": "well-formed `<|thinking|>…<|/thinking|>` + non-empty answer (greedy)",
+    "opens_thinking_rate": "responses that open with `<|thinking|>`",
+    "token_f1": "token F1 of the answer vs the grounded reference answer",
+    "rouge_l": "ROUGE-L F1 of the answer vs the reference answer",
+    "concept_recall": "key concepts (focus, its is_a parents, question concepts) named in the answer",
+    "answer_words": "words in the answer (after `<|/thinking|>`)",
+    "response_tokens": "generated tokens per response",
+    "truncated_rate": "responses that hit max_new_tokens",
+    "tokens_per_s": "generated tokens per second (batched greedy)",
+}
+
+
+# -----------------------------------------------------------------------------
+# The training log
+
+class MetricsLog:
+    """Appends one JSON object per line to `metrics.jsonl` (floats rounded to 6 digits)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            append_jsonl(self.path, {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict], out_png: Path, keys: tuple[str, ...] = (
+        "loss", "nll", "rewards/margins", "rewards/accuracies", "eval/rewards/accuracies", "eval/rewards/margins")):
+    """One panel per metric against the optimizer step, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in r for r in records)]
+    if not present:
+        return
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], present):
+        pts = [(r["step"], r[k]) for r in records if k in r and "step" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, out_png, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Thinking format of greedy answers
+
+def question_prompt_ids(tok, question: str, system: str | None = None) -> list[int]:
+    """Chat-formatted prompt ids for a question (the thinking trigger is part of the stored prompt)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return tok.encode_chat(messages, add_generation_prompt=True, allow_special=True)
+
+
+@torch.no_grad()
+def format_rate(model, tok, prompts: list[str], max_new_tokens: int = 128, system: str | None = None,
+                batch_size: int = 8) -> dict:
+    """Greedy answers to `prompts` (already carrying the trigger); the fraction that is well formed, with samples.
+
+    A row stops as soon as it cannot be well formed any more (its first non-blank text is not `<|thinking|>`, or it
+    opens a second thinking block), so an untrained model's long answers cost one step instead of a full budget.
+    Those samples are cut there ("stopped early")."""
+    gens = generate_responses(model, tok, prompts, max_new_tokens, system, batch_size, stop_when_malformed=True)
+    texts = [g["response"] for g in gens["rows"]]
+    parsed = [split_thinking(t) for t in texts]
+    ok = sum(p["well_formed"] for p in parsed)
+    opened = sum(t.lstrip().startswith(THINK_START) for t in texts)
+    return {"format_rate": ok / max(len(texts), 1), "opens_thinking_rate": opened / max(len(texts), 1),
+            "n": len(texts), "tokens_per_s": gens["tokens_per_s"],
+            "samples": [{"prompt": p, "response": t, "issue": q["issue"], "stopped_early": g["stopped_early"]}
+                        for p, t, q, g in zip(prompts, texts, parsed, gens["rows"])]}
+
+
+@torch.no_grad()
+def generate_responses(model, tok, prompts: Sequence[str], max_new_tokens: int, system: str | None = None,
+                       batch_size: int = 8, stop_when_malformed: bool = False) -> dict:
+    """Greedy responses, batched through the sampler: `{"rows": [{"response", "n_tokens", "stopped_early"}],
+    "tokens_per_s", "seconds"}`. Tokens per second = generated tokens / wall time of the batched generation.
+    `stop_when_malformed` ends rows that can no longer be well formed (see `format_rate`)."""
+    was_training = model.training
+    model.eval()
+    rows, n_tokens, t0 = [], 0, time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        ids = [question_prompt_ids(tok, p, system) for p in prompts[i:i + batch_size]]
+        room = model.config.max_position_embeddings - max(len(x) for x in ids)
+        if room < 1:
+            raise UserError(f"a prompt of {max(len(x) for x in ids)} tokens does not fit the model's context")
+        watch = FormatWatch(tok, len(ids)) if stop_when_malformed else None
+        res = generate_ex(model, ids, min(max_new_tokens, room), temperature=0.0, stop_ids=tok.stop_ids,
+                          pad_id=tok.pad_id, on_token=watch)
+        for r, o in enumerate(res.tokens):
+            n_tokens += len(o[0])
+            rows.append({"response": tok.decode(o[0], skip_special=True), "n_tokens": len(o[0]),
+                         "stopped_early": bool(watch and watch.stopped[r])})
+    model.train(was_training)
+    dt = time.perf_counter() - t0
+    return {"rows": rows, "tokens_per_s": n_tokens / dt if dt > 0 else 0.0, "seconds": dt}
+
+
+# -----------------------------------------------------------------------------
+# Answer quality: token F1, ROUGE-L, concept recall (pure functions)
+
+def words(text: str) -> list[str]:
+    """Lowercased word tokens (letters and digits), reasoning tags removed: the unit of F1 and ROUGE-L."""
+    return _WORD.findall(strip_tags(text).lower())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1: harmonic mean of precision and recall of the bag of words (multiset overlap).
+    Two empty texts score 1, one empty text 0."""
+    p, r = words(prediction), words(reference)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (O(len a * len b) time, O(len b) memory)."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin 2004, §3.1 with beta = 1): P = LCS/|prediction|, R = LCS/|reference|, F = 2PR/(P+R), on
+    `words`. Two empty texts score 1, one empty text 0."""
+    p, r = words(prediction), words(reference)
+    if not p or not r:
+        return float(p == r)
+    lcs = lcs_length(p, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def reference_answer(record: dict) -> str:
+    """The grounded ground truth of a held-out pair: the teacher's answer (meta.answer), else the chosen response
+    after `<|/thinking|>`."""
+    meta = record.get("meta") or {}
+    if isinstance(meta.get("answer"), str) and meta["answer"].strip():
+        return meta["answer"].strip()
+    return final_answer(record["chosen"])
+
+
+def _phrase(text: str) -> str:
+    return " ".join(words(text))
+
+
+def concept_recall(text: str, concepts: Sequence[Sequence[str]]) -> float | None:
+    """Fraction of `concepts` mentioned in `text`; each concept is a list of names (label, synonyms), mentioned when
+    one of them occurs as a whole-word phrase (case and punctuation ignored; a plural "s" is accepted). None when
+    there is nothing to recall."""
+    if not concepts:
+        return None
+    hay = f" {_phrase(text)} "
+    hit = 0
+    for names in concepts:
+        phrases = [p for p in (_phrase(n) for n in names) if len(p) >= 3]
+        if any(f" {p} " in hay or f" {p}s " in hay for p in phrases):
+            hit += 1
+    return hit / len(concepts)
+
+
+def key_concepts(graph, record: dict, max_parents: int = 3) -> list[list[str]]:
+    """The concepts an answer to `record`'s question should name, by the knowledge graph: the question's focus
+    concept (meta.focus, written by the grounded teacher; else the first concept the question mentions), its direct
+    `is_a` parents (at most `max_parents`, in graph order, as the grounded answers list them), and the other
+    concepts named in the question (meta.concepts, else found in the question text). Each as [label, *synonyms]."""
+    meta = record.get("meta") or {}
+    question = meta.get("question") or record["prompt"].replace(TRIGGER, "")
+    mentioned = [graph.resolve(c) for c in meta.get("concepts") or []] or graph.find_concepts(question)
+    mentioned = [n for n in mentioned if n is not None]
+    focus = meta.get("focus") if meta.get("focus") in graph.g else (mentioned[0] if mentioned else None)
+    if focus is None:
+        return []
+    parents = [v for _, v, rel in graph.g.out_edges(focus, keys=True) if rel == IS_A][:max_parents]
+    nodes = list(dict.fromkeys([focus, *parents, *mentioned]))
+    return [[graph.label(n), *graph.g.nodes[n].get("synonyms", [])] for n in nodes]
+
+
+def score_answers(responses: Sequence[str], records: Sequence[dict], graph=None) -> list[dict]:
+    """Per-question answer quality of `responses` against the held-out `records` (same order)."""
+    rows = []
+    for resp, rec in zip(responses, records):
+        ans, ref = final_answer(resp), reference_answer(rec)
+        concepts = key_concepts(graph, rec) if graph is not None else []
+        parsed = split_thinking(resp)
+        rows.append({"question": (rec.get("meta") or {}).get("question") or rec["prompt"], "reference": ref,
+                     "response": resp, "answer": ans, "well_formed": parsed["well_formed"], "issue": parsed["issue"],
+                     "opens_thinking": resp.lstrip().startswith(THINK_START),
+                     "token_f1": token_f1(ans, ref), "rouge_l": rouge_l(ans, ref),
+                     "concept_recall": concept_recall(ans, concepts), "key_concepts": [c[0] for c in concepts],
+                     "answer_words": len(words(ans))})
+    return rows
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize_answers(rows: Sequence[dict]) -> dict:
+    """Means over questions of the per-question scores (concept recall over questions that have key concepts)."""
+    return {"format_rate": _mean([float(r["well_formed"]) for r in rows]),
+            "opens_thinking_rate": _mean([float(r["opens_thinking"]) for r in rows]),
+            "token_f1": _mean([r["token_f1"] for r in rows]), "rouge_l": _mean([r["rouge_l"] for r in rows]),
+            "concept_recall": _mean([r["concept_recall"] for r in rows]),
+            "answer_words": _mean([r["answer_words"] for r in rows])}
+
+
+_GRAPHS: dict[str, object] = {}
+
+
+def corpus_graph(corpus: str = "ontology"):
+    """The knowledge graph of a corpus (cached per process): the ground truth of the key concepts."""
+    if corpus not in _GRAPHS:
+        docs, chunks = load_corpus(corpus)
+        _GRAPHS[corpus] = KnowledgeGraph.from_corpus(docs, chunks)
+    return _GRAPHS[corpus]
+
+
+# -----------------------------------------------------------------------------
+# LLM judge (any OpenAI-compatible endpoint)
+
+SYSTEM_JUDGE = "You are a strict and fair examiner of scientific answers. You follow the output format exactly."
+RUBRIC_PROMPT = (
+    "Grade the answer to the question below. A reference answer, written from a curated source, is given to help you "
+    "check facts; it may be incomplete.\n\nQuestion: {question}\n\nReference answer:\n{reference}\n\n"
+    "Answer to grade:\n{answer}\n\n"
+    "Give three integer scores from 1 (very poor) to 10 (excellent):\n"
+    "- accuracy: are the statements correct and consistent with the reference?\n"
+    "- depth: does the answer reason (explain relations, mechanisms, hierarchy) rather than only assert?\n"
+    "- coherence: is it clear, well organised and free of repetition?\n"
+    'Reply with one JSON object only, for example {{"accuracy": 6, "depth": 4, "coherence": 7}}.')
+PAIRWISE_PROMPT = (
+    "Two answers to the same question follow. A reference answer, written from a curated source, is given to help you "
+    "check facts.\n\nQuestion: {question}\n\nReference answer:\n{reference}\n\n"
+    "Answer A:\n{a}\n\nAnswer B:\n{b}\n\n"
+    "Which answer is better? Judge accuracy first, then depth of reasoning, then coherence; ignore length as such. "
+    'Reply with one JSON object only: {{"winner": "A"}}, {{"winner": "B"}} or {{"winner": "tie"}}.')
+RUBRIC_KEYS = ("accuracy", "depth", "coherence")
+_KEY_ALIASES = {"accuracy": ("accuracy", "correctness"), "depth": ("depth", "depth of reasoning", "reasoning"),
+                "coherence": ("coherence", "clarity")}
+
+
+def _json_objects(text: str) -> list[dict]:
+    out = []
+    for m in re.finditer(r"\{[^{}]*\}", text):
+        try:
+            obj = json.loads(m.group(0))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            out.append({str(k).strip().lower(): v for k, v in obj.items()})
+    return out
+
+
+def parse_scores(text: str) -> dict[str, float | None]:
+    """Rubric scores from a judge reply, robustly: a JSON object if there is one, else "accuracy: 7", "Depth - 6/10"
+    style lines. Values are clamped to [1, 10]; a score that cannot be found is None."""
+    found: dict[str, float | None] = {k: None for k in RUBRIC_KEYS}
+    for obj in _json_objects(text):
+        for k in RUBRIC_KEYS:
+            for alias in _KEY_ALIASES[k]:
+                v = obj.get(alias)
+                m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*", str(v)) if isinstance(v, (int, float, str)) \
+                    and not isinstance(v, bool) else None
+                if found[k] is None and m:
+                    found[k] = float(m.group(1))
+    low = text.lower()
+    for k in RUBRIC_KEYS:
+        if found[k] is None:
+            for alias in _KEY_ALIASES[k]:
+                m = re.search(rf"\b{re.escape(alias)}\b[\"'*]*\s*[:=\-–]?\s*\**\s*(\d+(?:\.\d+)?)", low)
+                if m:
+                    found[k] = float(m.group(1))
+                    break
+    return {k: (None if v is None else min(10.0, max(1.0, v))) for k, v in found.items()}
+
+
+def parse_verdict(text: str) -> str | None:
+    """"A", "B" or "tie" from a judge reply (JSON {"winner": ...}, a bare letter, or "Answer A is better"); None
+    when the reply names no winner."""
+    for obj in _json_objects(text):
+        v = str(obj.get("winner", obj.get("better", ""))).strip().strip(".").lower()
+        if v in ("a", "answer a"):
+            return "A"
+        if v in ("b", "answer b"):
+            return "B"
+        if v in ("tie", "equal", "draw", "none"):
+            return "tie"
+    t = text.strip().strip(".*\"' ").lower()
+    if t in ("a", "b"):
+        return t.upper()
+    if t in ("tie", "equal", "draw"):
+        return "tie"
+    m = re.search(r"\b(?:winner|better answer|verdict)\b\W*(?:is\s*)?(?:answer\s*)?([ab]|tie)\b", t)
+    if m:
+        return "tie" if m.group(1) == "tie" else m.group(1).upper()
+    m = re.search(r"\banswer\s*([ab])\b\s*is\s*(?:clearly\s*)?(?:better|superior|stronger)", t)
+    if m:
+        return m.group(1).upper()
+    if re.search(r"\b(tie|equally good|both (?:answers )?are equal)\b", t):
+        return "tie"
+    return None
+
+
+class Judge:
+    """An LLM judge behind any OpenAI-compatible `/v1/chat/completions` endpoint (client.py: retries, backoff,
+    bounded concurrency). Temperature 0."""
+
+    def __init__(self, url: str, model: str = "default", api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                 max_retries: int = 3, max_concurrency: int = 4, max_tokens: int = 256):
+        self.client = ChatClient(url, model, api_key_env, timeout, max_retries, 0.5, max_concurrency)
+        self.url, self.model, self.max_tokens = self.client.url, model, max_tokens
+
+    def _ask(self, prompt: str) -> str:
+        return self.client.complete([{"role": "system", "content": SYSTEM_JUDGE}, {"role": "user", "content": prompt}],
+                                    0.0, self.max_tokens).text
+
+    def score(self, question: str, reference: str, answer: str) -> dict:
+        reply = self._ask(RUBRIC_PROMPT.format(question=question, reference=reference, answer=answer or "(empty)"))
+        return {**parse_scores(reply), "reply": reply}
+
+    def compare(self, question: str, reference: str, ours: str, theirs: str) -> dict:
+        """Both orders; each order scores 1 (ours better), 0 (theirs) or 0.5 (tie); an unparseable reply is left
+        out. `score` is the mean over the parsed orders (None when neither parsed)."""
+        first = parse_verdict(self._ask(PAIRWISE_PROMPT.format(question=question, reference=reference,
+                                                               a=ours or "(empty)", b=theirs or "(empty)")))
+        second = parse_verdict(self._ask(PAIRWISE_PROMPT.format(question=question, reference=reference,
+                                                                a=theirs or "(empty)", b=ours or "(empty)")))
+        as_ours = [{"A": 1.0, "B": 0.0, "tie": 0.5}.get(first), {"B": 1.0, "A": 0.0, "tie": 0.5}.get(second)]
+        parsed = [s for s in as_ours if s is not None]
+        return {"ours_first": first, "ours_second": second, "score": sum(parsed) / len(parsed) if parsed else None,
+                "consistent": None if len(parsed) < 2 else as_ours[0] == as_ours[1]}
+
+
+def judge_answers(judge: Judge, rows: list[dict], baseline: list[str] | None = None) -> dict:
+    """Rubric scores of every response (thinking included: depth of reasoning is graded) and, with `baseline`
+    responses, the pairwise win rate (ties count one half) and how often both orders agreed."""
+    with ThreadPoolExecutor(max_workers=judge.client.max_concurrency) as pool:
+        scores = list(pool.map(lambda r: judge.score(r["question"], r["reference"], r["response"]), rows))
+        pairs = list(pool.map(lambda rb: judge.compare(rb[0]["question"], rb[0]["reference"], rb[0]["response"], rb[1]),
+                              zip(rows, baseline))) if baseline is not None else []
+    for r, s in zip(rows, scores):
+        r["judge"] = {k: s[k] for k in RUBRIC_KEYS}
+    for r, p in zip(rows, pairs):
+        r["judge"]["pairwise"] = p
+    out = {"url": judge.url, "model": judge.model,
+           **{k: _mean([s[k] for s in scores]) for k in RUBRIC_KEYS},
+           "unparsed_scores": sum(any(s[k] is None for k in RUBRIC_KEYS) for s in scores)}
+    if baseline is not None:
+        out.update(win_rate=_mean([p["score"] for p in pairs]),
+                   position_consistency=_mean([float(p["consistent"]) for p in pairs if p["consistent"] is not None]),
+                   unparsed_pairs=sum(p["score"] is None for p in pairs))
+    return out
