@@ -1,25 +1,19 @@
 """The paper's ablations as a resumable grid (preflexor.md §6): which knobs of PRefLexOR matter, measured on the
 embedded default (SmolLM2-135M-Instruct, the ontology corpus, the grounded teacher).
 
-A grid is a YAML file (configs/ablations/*.yaml) of cells. Each cell is one setting, repeated over seeds:
-- `base`: the base model, evaluated only;
-- `stage1`: `train_orpo.py` with overrides, then `python evaluate.py`;
-- `stage2`: `train_dpo.py` from a stage-1 cell's merged model (`from:`), with overrides, then the evaluation;
-- `recursion`: inference only: a stage-2 cell's model answers with N rounds of critique and re-answering
-  (`reasoning.recursive_thinking`, the base model as critic), with and without the final integration, scored with
-  the same answer-quality metrics (`python ablations.py recursion ...`).
-
-Every step runs as a subprocess (OMP_NUM_THREADS from the grid) into `<out>/runs/<cell>/seed<k>/`; its command,
-log and wall time are kept there (cost.json). A cell whose eval.json exists is never rerun, an interrupted training
-resumes from its checkpoints (`train.resume=auto`), so rerunning the same command continues the grid. At the end
-the report (results/ablations.md: mean ± std over seeds per cell and metric, the command of every number, commit,
-machine, date, measured costs and the full grid's estimated cost) and its PNG plots are regenerated.
-
     python ablations.py --grid configs/ablations/reduced.yaml [--out runs/ablations/reduced]
         [--report results/ablations.md] [--only CELL ...] [--force] [--report-only]
 
-Seeds: seed k sets train.seed = 1000 + k (stage 1) / 2000 + k (stage 2) and data.seed = 10 k (stage 1) /
-10 k + 1 (stage 2), so the two stages and the seeds never share generated contexts.
+A grid (configs/ablations/*.yaml) lists cells, each one setting repeated over seeds: `base` (the base model,
+evaluated only), `stage1` (`train_orpo.py` with overrides, then `evaluate.py`), `stage2` (`train_dpo.py` from a
+stage-1 cell's merged model, `from:`, then the evaluation) and `recursion` (inference only: a stage-2 cell's model
+answers with N rounds of `reasoning.recursive_thinking`, the base model as critic, with and without the final
+integration; `python ablations.py recursion ...`). Every step is a subprocess (OMP_NUM_THREADS from the grid) into
+`<out>/runs/<cell>/seed<k>/`, keeping its command, log and wall time (cost.json). A cell whose eval.json exists is
+never rerun and an interrupted training resumes (`train.resume=auto`), so rerunning the command continues the grid;
+then the report (results/ablations.md: mean ± std over seeds, the command of every number, commit, machine, date,
+measured costs and the full grid's estimated cost) and its PNGs are regenerated. Seed k sets train.seed = 1000 + k
+and data.seed = 10 k in stage 1, 2000 + k and 10 k + 1 in stage 2, so stages and seeds never share generated contexts.
 """
 from __future__ import annotations
 
@@ -29,6 +23,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -58,8 +53,7 @@ TABLE_METRICS = {"rewards/accuracies": "reward acc", "rewards/margins": "reward 
 _NAME = re.compile(r"^[A-Za-z0-9_.+=-]+$")
 
 
-# -----------------------------------------------------------------------------
-# The grid
+# -- The grid ----------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Cell:
@@ -212,13 +206,11 @@ def train_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
 
 
 def eval_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
-    d = run_dir(out, cell, seed)
-    ev, qs = grid.eval, _rel(grid.eval_set(out))
-    if cell.kind == "base":
-        return [sys.executable, "evaluate.py", "base", "--base-model", grid.base_model, "--heldout", qs,
-                "--out", _rel(d), "--n", str(ev["n_questions"]), "--max-new-tokens", str(ev["max_new_tokens"])]
-    return [sys.executable, "evaluate.py", _rel(d), "--questions", qs, "--n", str(ev["n_questions"]),
-            "--max-new-tokens", str(ev["max_new_tokens"])]
+    d, qs = _rel(run_dir(out, cell, seed)), _rel(grid.eval_set(out))
+    what = (["base", "--base-model", grid.base_model, "--heldout", qs, "--out", d] if cell.kind == "base" else
+            [d, "--questions", qs])
+    return [sys.executable, "evaluate.py", *what, "--n", str(grid.eval["n_questions"]),
+            "--max-new-tokens", str(grid.eval["max_new_tokens"])]
 
 
 def sweep_dir(out: Path, cell: Cell, seed: int) -> Path:
@@ -239,9 +231,9 @@ def recursion_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]
 
 
 def stale_keys(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
-    """Config keys whose value in a finished training run differs from what its command resolves to now (the grid
-    or a shipped config changed since): that run's numbers no longer follow from its command. A cell that starts
-    from a stale cell is stale too."""
+    """Config keys of a finished training run that differ from what its command resolves to now (the grid or a
+    shipped config changed since, so its numbers no longer follow from its command); a cell started from a stale
+    one is stale too."""
     if cell.source is not None:
         parent = grid.cell(cell.source)
         if stale_keys(grid, parent, source_seed(grid, cell, seed), out):
@@ -276,10 +268,6 @@ def _cost(d: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def _save_cost(d: Path, cost: dict) -> None:
-    atomic_write_json(d / "cost.json", cost)
-
-
 def training_phases(d: Path) -> dict | None:
     """Wall seconds of a finished training run's phases, from its files' modification times: setup (model, corpus,
     held-out pairs: config.json -> data/heldout.jsonl), generation of each iteration's pairs (-> data/iter_k.jsonl),
@@ -290,26 +278,23 @@ def training_phases(d: Path) -> dict | None:
     except OSError:
         return None
     iters = sorted((d / "data").glob("iter_*.jsonl"))
-    ckpts = sorted(((p.stat().st_mtime, p) for p in (d / "checkpoints").glob("step_*")), key=lambda x: x[0])
+    ckpts = sorted(p.stat().st_mtime for p in (d / "checkpoints").glob("step_*"))
     gen = train = 0.0
     prev = t_held
     for k, it in enumerate(iters):
         t_it = it.stat().st_mtime
         gen += max(0.0, t_it - prev)
-        nxt = [t for t, _ in ckpts if t >= t_it]
+        nxt = [t for t in ckpts if t >= t_it]
         prev = nxt[0] if nxt else (iters[k + 1].stat().st_mtime if k + 1 < len(iters) else t_end)
         train += max(0.0, prev - t_it)
     return {"setup_s": round(t_held - t_cfg, 1), "gen_s": round(gen, 1), "train_s": round(train, 1),
             "finish_s": round(max(0.0, t_end - prev), 1)}
 
 
-# -----------------------------------------------------------------------------
-# Running the grid
+# -- Running the grid --------------------------------------------------------------------------------------------------
 
 def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool = False, log=print) -> dict:
     """Run every missing cell (or the cells in `only` and what they need) and return {cell: [status per seed]}."""
-    import shutil
-
     out.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in grid.cells]
     for n in only or []:
@@ -335,10 +320,11 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
         if grid.eval["eval_set"].get("file"):
             raise UserError(f"{grid.path}: eval.eval_set.file {es} not found")
         log(f"[grid] eval set -> {es}")
-        rc, dt = _run(eval_set_command(grid, out), out / "eval_set.log", grid.threads)
+        cmd = eval_set_command(grid, out)
+        rc, dt = _run(cmd, out / "eval_set.log", grid.threads)
         if rc != 0:
             raise UserError(f"building the eval set failed (exit {rc}); see {out / 'eval_set.log'}")
-        _save_cost(out, {"eval_set_s": round(dt, 1), "command": _show(eval_set_command(grid, out))})
+        atomic_write_json(out / "cost.json", {"eval_set_s": round(dt, 1), "command": _show(cmd)})
     for c in cells:
         status[c.name] = []
         for seed in c.seeds:
@@ -347,8 +333,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
                 status[c.name].append("done")
                 stale = stale_keys(grid, c, seed, out)
                 if stale:
-                    log(f"[grid] {c.name} seed {seed}: finished but STALE, its config changed since ({', '.join(stale)})"
-                        f"; rerun it with --only {c.name} --force")
+                    log(f"[grid] {c.name} seed {seed}: finished but STALE, its config changed since "
+                        f"({', '.join(stale)}); rerun it with --only {c.name} --force")
                 continue
             if c.kind == "recursion":
                 status[c.name].append(_run_recursion(grid, c, seed, out, log))
@@ -370,7 +356,7 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
                 log(f"[grid] {c.name} seed {seed}: train  ({_show(cmd)})")
                 rc, dt = _run(cmd, d / "train.log", grid.threads)
                 cost.update(train_s=round(cost.get("train_s", 0.0) + dt, 1), train_command=_show(cmd))
-                _save_cost(d, cost)
+                atomic_write_json(d / "cost.json", cost)
                 if rc != 0:
                     log(f"[grid] {c.name} seed {seed}: training failed (exit {rc}); see {d / 'train.log'}")
                     status[c.name].append("failed")
@@ -380,7 +366,7 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
             log(f"[grid] {c.name} seed {seed}: eval  ({_show(cmd)})")
             rc, dt = _run(cmd, d / "eval.log", grid.threads)
             cost.update(eval_s=round(dt, 1), eval_command=_show(cmd))
-            _save_cost(d, cost)
+            atomic_write_json(d / "cost.json", cost)
             status[c.name].append("ran" if rc == 0 else "failed")
             if rc != 0:
                 log(f"[grid] {c.name} seed {seed}: evaluation failed (exit {rc}); see {d / 'eval.log'}")
@@ -388,8 +374,7 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
 
 
 def _run_recursion(grid: Grid, cell: Cell, seed: int, out: Path, log) -> str:
-    parent = grid.cell(cell.source)
-    model_dir = run_dir(out, parent, source_seed(grid, cell, seed))
+    model_dir = run_dir(out, grid.cell(cell.source), source_seed(grid, cell, seed))
     if not (model_dir / "final" / "model" / "config.json").is_file():
         log(f"[grid] {cell.name} seed {seed}: skipped, {cell.source} did not finish")
         return "blocked"
@@ -397,7 +382,7 @@ def _run_recursion(grid: Grid, cell: Cell, seed: int, out: Path, log) -> str:
     if not (sweep / "recursion.json").is_file():
         log(f"[grid] {cell.group} seed {seed}: recursion sweep  ({_show(cmd)})")
         rc, dt = _run(cmd, sweep / "recursion.log", grid.threads)
-        _save_cost(sweep, {"sweep_s": round(dt, 1), "command": _show(cmd)})
+        atomic_write_json(sweep / "cost.json", {"sweep_s": round(dt, 1), "command": _show(cmd)})
         if rc != 0:
             log(f"[grid] recursion sweep failed (exit {rc}); see {sweep / 'recursion.log'}")
             return "failed"
@@ -410,30 +395,28 @@ def _run_recursion(grid: Grid, cell: Cell, seed: int, out: Path, log) -> str:
     v = sw["variants"][key]
     total = max(sum(x["seconds"] for x in sw["variants"].values()), 1e-9)
     share = _cost(sweep).get("sweep_s", 0.0) * v["seconds"] / total
-    _save_cost(d, {"eval_s": round(share, 1), "eval_command": _show(cmd), "note": "share of the sweep's time"})
+    atomic_write_json(d / "cost.json", {"eval_s": round(share, 1), "eval_command": _show(cmd),
+                                        "note": "share of the sweep's time"})
     atomic_write_json(d / "eval.json", {"run": str(model_dir), "kind": "recursion", "variant": key,
                                          "metrics": v["metrics"], "samples": v["samples"], "git": sw["git"],
                                          "date": sw["date"], "machine": sw["machine"], "command": _show(cmd)})
     return "ran"
 
 
-# -----------------------------------------------------------------------------
-# The recursion sweep (inference-time ablation)
+# -- The recursion sweep (inference-time ablation) ---------------------------------------------------------------------
 
 def recursion_sweep(model_dir: str | Path, questions: str | Path, n_questions: int = 4, max_new_tokens: int = 96,
                     critic: str = "smollm2-135m-instruct", depths: list[int] = (1, 2, 3),
                     integrate: list[bool] = (False, True), out_dir: str | Path | None = None,
                     command: str | None = None) -> dict:
-    """Answer each question with `recursive_thinking` at every depth N (greedy, reasoner = the run's model, critic
-    = `critic`) and score the final answers like `evaluate.score_answers`. For one N, the run with integration and
-    the one without share every call but the last (the integration is the final step), so one run with
-    integration gives both: without integration the final answer is the last non-empty round's answer.
-    Writes recursion.json and recursion.md in `out_dir`."""
+    """Answer each question with `recursive_thinking` at every depth N (greedy; reasoner = the run's model, critic =
+    `critic`), score the final answers like evaluate.py (`score_answers`), write recursion.json and recursion.md in
+    `out_dir`. One run with integration gives both variants of an N: they share every call but the final integration,
+    and without it the final answer is the last non-empty round's answer."""
     import torch
 
     model_dir = Path(model_dir)
     run_cfg = from_dict(RunConfig, read_run_config(model_dir), where=f"{model_dir}/config.json")
-    data_cfg = run_cfg.data
     records = load_pairs(questions)[:n_questions]
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(run_model_source(model_dir, critic), dtype=torch.float32)
@@ -442,7 +425,7 @@ def recursion_sweep(model_dir: str | Path, questions: str | Path, n_questions: i
     fast.install(cmodel, run_cfg.model.fast)
     reasoner = ModelGenerator(model.eval(), tok, top_k=None, top_p=None, name="reasoner")
     crit = ModelGenerator(cmodel.eval(), ctok, top_k=None, top_p=None, name="critic")
-    graph = corpus_graph(data_cfg.corpus)
+    graph = corpus_graph(run_cfg.data.corpus)
     variants: dict[str, dict] = {}
     per: dict[tuple, list] = {}  # (depth, integrate) -> per question (final answer, result, seconds, tokens, calls)
     for d in sorted(set(depths)):
@@ -450,7 +433,7 @@ def recursion_sweep(model_dir: str | Path, questions: str | Path, n_questions: i
             q = (rec.get("meta") or {}).get("question") or rec["prompt"].replace(TRIGGER, "").strip()
             res = recursive_thinking(q, reasoner, crit, n_rounds=d, integrate=True in integrate, temperature=0.0,
                                      critic_temperature=0.0, max_new_tokens=max_new_tokens,
-                                     system=data_cfg.system_prompt)
+                                     system=run_cfg.data.system_prompt)
             last = next((r.answer for r in reversed(res.rounds) if r.answer), "")
             for integ in integrate:
                 calls = [c for c in res.calls if integ or c.step != "integrate"]
@@ -474,7 +457,6 @@ def recursion_sweep(model_dir: str | Path, questions: str | Path, n_questions: i
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": command or "python ablations.py recursion " + " ".join(sys.argv[2:])}
     if out_dir is not None:
-        out = Path(out_dir)
         lines = [f"# Recursive reasoning sweep of `{model_dir}`", "", f"critic `{critic}`, {len(records)} questions, "
                  f"max {max_new_tokens} new tokens per call, greedy; command: `{result['command']}`", "",
                  "| variant | F1 | ROUGE-L | concept recall | answer words | calls/question |",
@@ -483,8 +465,8 @@ def recursion_sweep(model_dir: str | Path, questions: str | Path, n_questions: i
             mm = v["metrics"]
             lines.append(f"| {k} | {_f(mm['token_f1'])} | {_f(mm['rouge_l'])} | {_f(mm['concept_recall'])} | "
                          f"{_f(mm['answer_words'])} | {_f(mm['calls_per_question'])} |")
-        atomic_write_text(out / "recursion.md", "\n".join(lines) + "\n")
-        atomic_write_json(out / "recursion.json", result)
+        atomic_write_text(Path(out_dir) / "recursion.md", "\n".join(lines) + "\n")
+        atomic_write_json(Path(out_dir) / "recursion.json", result)
     return result
 
 
@@ -494,8 +476,7 @@ def _f(v, nd: int = 3) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
-# -----------------------------------------------------------------------------
-# The report
+# -- The report --------------------------------------------------------------------------------------------------------
 
 def _stats(xs: list[float]) -> tuple[float | None, float | None]:
     xs = [x for x in xs if x is not None]
@@ -553,13 +534,11 @@ def estimate_cost(grid: Grid, measured: Grid, out: Path) -> dict:
                 src = rcfg(measured, c).data.rejected_source
                 for ph, secs in cost["phases"].items():
                     rates.setdefault((c.kind, src, ph), []).append(secs / max(w[ph], 1e-9))
-            if c.kind != "recursion" and "eval_s" in cost:
-                units = measured.eval["n_questions"] * measured.eval["max_new_tokens"]
-                rates.setdefault(("eval",), []).append(cost["eval_s"] / units)
-            if c.kind == "recursion" and "eval_s" in cost:
-                units = measured.recursion["n_questions"] * measured.recursion["max_new_tokens"] * \
-                    _calls(c.depth, c.integrate)
-                rates.setdefault(("recursion",), []).append(cost["eval_s"] / units)
+            if "eval_s" in cost:
+                rec = c.kind == "recursion"
+                ev = measured.recursion if rec else measured.eval
+                units = ev["n_questions"] * ev["max_new_tokens"] * (_calls(c.depth, c.integrate) if rec else 1)
+                rates.setdefault(("recursion" if rec else "eval",), []).append(cost["eval_s"] / units)
     rate = {k: sum(v) / len(v) for k, v in rates.items()}
 
     def get(*key):
@@ -580,11 +559,9 @@ def estimate_cost(grid: Grid, measured: Grid, out: Path) -> dict:
                 else:
                     secs += r * w[ph]
         if c.kind != "recursion":
-            r = get("eval")
-            secs += (r or 0.0) * grid.eval["n_questions"] * grid.eval["max_new_tokens"]
+            secs += (get("eval") or 0.0) * grid.eval["n_questions"] * grid.eval["max_new_tokens"]
         else:
-            r = get("recursion")
-            secs += (r or 0.0) * grid.recursion["n_questions"] * grid.recursion["max_new_tokens"] * \
+            secs += (get("recursion") or 0.0) * grid.recursion["n_questions"] * grid.recursion["max_new_tokens"] * \
                 _calls(c.depth, c.integrate)
         per_cell[c.name] = secs * len(c.seeds)
         total += secs * len(c.seeds)
@@ -718,7 +695,7 @@ def plot_report(grid: Grid, data: dict, folder: Path, stem: str) -> list[Path]:
         axes[0].set_yticklabels(names, fontsize=7)
         axes[0].invert_yaxis()
         fig.tight_layout()
-        written.append(_save(fig, folder / f"{stem}.png"))
+        written.append(save_png(fig, folder / f"{stem}.png"))
         plt.close(fig)
     rec = [c for c in grid.cells if c.kind == "recursion" and data[c.name]["evals"]]
     if rec:
@@ -738,17 +715,12 @@ def plot_report(grid: Grid, data: dict, folder: Path, stem: str) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        written.append(_save(fig, folder / f"{stem}_recursion.png"))
+        written.append(save_png(fig, folder / f"{stem}_recursion.png"))
         plt.close(fig)
     return written
 
 
-def _save(fig, path: Path) -> Path:
-    return save_png(fig, path)
-
-
-# -----------------------------------------------------------------------------
-# CLI
+# -- CLI ---------------------------------------------------------------------------------------------------------------
 
 def _recursion_main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="python ablations.py recursion",

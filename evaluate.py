@@ -3,15 +3,14 @@
     python evaluate.py RUN_DIR|base [--n 16] [--max-new-tokens 192] [--questions FILE] [--heldout FILE]
         [--judge-url URL --judge-model M] [--baseline RUN_DIR|base] [--out DIR]
 
-The original PRefLexOR has no evaluation code (preflexor.md §6): its notebooks print generations for a few prompts
-and its trainers log reward curves; the Graph-PRefLexOR follow-up grades answers with an LLM judge. Here, for one
-model and the run's own held-out data (metrics.py has the definitions):
+The original PRefLexOR has no evaluation code (preflexor.md §6: its notebooks print a few generations, its trainers
+log reward curves; Graph-PRefLexOR grades answers with an LLM judge). Here, for one model (definitions in metrics.py):
 - preference metrics on the held-out pairs with the run's own loss (reference = the model the run started from,
   for stage 2 its `model.source`; ORPO and the base model need none), named as in training's held-out log;
-- greedy generations on held-out questions: thinking-format compliance, answer quality against the grounded ground
-  truth (token F1, ROUGE-L, recall of the key concepts the knowledge graph names), answer length, tokens per second;
-- optionally an LLM judge through any OpenAI-compatible endpoint: a 1-10 rubric and a pairwise win rate against a
-  baseline model's answers, asked in both orders to cancel position bias.
+- greedy answers to held-out questions: thinking-format compliance, quality against the grounded ground truth
+  (token F1, ROUGE-L, recall of the knowledge graph's key concepts), answer length, tokens per second;
+- optionally an LLM judge (any OpenAI-compatible endpoint): a 1-10 rubric and a pairwise win rate against a
+  baseline's answers, asked in both orders to cancel position bias.
 """
 from __future__ import annotations
 
@@ -50,8 +49,7 @@ def evaluate_run(run_dir: str | Path, n_questions: int = 16, max_new_tokens: int
         baseline_run: a run dir or "base" whose answers the pairwise judge compares against (needs judge_url).
         out_dir: where to write (default: the run dir; required for "base").
         heldout: preference pairs for the reward metrics (default: the run's own held-out pairs; required for base).
-        questions: pairs whose questions are answered (default: the held-out pairs); a shared file makes runs
-            comparable.
+        questions: the pairs whose questions are answered (default: the held-out pairs); share one to compare runs.
         base_model: the base model for "base" (default: smollm2-135m-instruct).
     """
     t_start = time.perf_counter()
@@ -111,7 +109,7 @@ def evaluate_run(run_dir: str | Path, n_questions: int = 16, max_new_tokens: int
     # --- optional LLM judge ------------------------------------------------------------------------------------
     jm = None
     if judge_url is not None:
-        judge = Judge(judge_url, judge_model)
+        judge = Judge(judge_url, judge_model)  # before the baseline's generations: a bad URL fails fast
         baseline = None
         if baseline_run is not None:
             del model
@@ -130,8 +128,7 @@ def evaluate_run(run_dir: str | Path, n_questions: int = 16, max_new_tokens: int
     result = {
         "run": str(run_dir), "model": source, "stage": cfg.get("stage"), "loss": loss_cfg.name,
         "reference": ref_source, "heldout": held_desc, "questions": str(questions) if questions else held_desc,
-        "n_questions": len(rows),
-        "max_new_tokens": max_new_tokens, "metrics": metrics,
+        "n_questions": len(rows), "max_new_tokens": max_new_tokens, "metrics": metrics,
         "pairs": {"n": pm["n_pairs"], "dropped": len(pairs) - pm["n_pairs"], "margins": pm["margins"]},
         "judge": jm, "samples": rows,
         "timing": {"pairs_s": round(t_pairs, 2), "generation_s": round(gens["seconds"], 2),
@@ -161,8 +158,7 @@ def _examples(tok, pairs: list[dict], data_cfg, loss_cfg) -> list[dict]:
     return examples
 
 
-# -----------------------------------------------------------------------------
-# Report: markdown and plots
+# -- Report: markdown and plots ----------------------------------------------------------------------------------------
 
 def _fmt(v) -> str:
     if v is None:
@@ -242,8 +238,7 @@ def plot_eval(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-# CLI
+# -- CLI ---------------------------------------------------------------------------------------------------------------
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:

@@ -8,9 +8,9 @@
     python infer.py --serve --port 8000                                       # OpenAI-compatible server
     python infer.py "..." --config configs/infer.yaml max_new_tokens=128      # YAML + key=value overrides
 
-The model defaults to the newest `runs/stage2*/final/model`, else `runs/stage1*/final/model`, else the embedded SmolLM2; the
-critic to the base model that run was trained from (followed through the runs' `config.json`), or an http(s)://
-URL of any OpenAI-compatible endpoint. The thinking trigger " Use <|thinking|>." is appended to every question.
+The model defaults to the newest `runs/stage2*/final/model`, else `runs/stage1*/final/model`, else the embedded
+SmolLM2; the critic to the base model that run was trained from (via the runs' `config.json`). Either may be an
+http(s):// URL of any OpenAI-compatible endpoint. Every question ends with the thinking trigger " Use <|thinking|>.".
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from preflexor.config import load_config
 from preflexor.errors import UserError, exit_on_user_error
+from preflexor.utils import append_jsonl
 
 ROOT = Path(__file__).resolve().parent
 HISTORY = Path.home() / ".preflexor_history"
@@ -35,7 +36,7 @@ class InferConfig:
     model: str | None = None  # checkpoint dir | .gguf | default name | http(s) URL; None = newest run
     critic: str | None = None  # same kinds; None = the base model the reasoner was trained from
     http_model: str = "default"  # model name sent to an HTTP endpoint
-    prefix_mode: str = "continue"  # HTTP reasoner: continue a pre-filled assistant turn, or "fold" it into the user turn
+    prefix_mode: str = "continue"  # HTTP reasoner: continue a pre-filled assistant turn, or "fold" it into the user's
     recursive: int = 0  # 0 = one plain answer; N >= 1 = N rounds (thinking: N answers; reflection: N iterations)
     reflect: bool = False  # the reflection variant (§5.2); with recursive 0 it runs one iteration
     integrate: bool = True  # the critic's final integration of all answers (False: ablation)
@@ -80,9 +81,8 @@ def _run_config(path: Path) -> dict | None:
 
 
 def base_model_of(source: str) -> str | None:
-    """The model a checkpoint was trained from, following run configs back (stage 2 → stage 1 → base): the run
-    dir holding `final/` (or `checkpoints/step_N/`) has the resolved config.json with `model.source`. None when
-    `source` is not inside a run."""
+    """The model a checkpoint was trained from: the `model.source` of its run's resolved config.json (in the dir
+    above `final/` or `checkpoints/`), followed back (stage 2 → stage 1 → base); None when not inside a run."""
     seen, cur, found = set(), source, None
     while cur not in seen and not cur.startswith(("http://", "https://")):
         seen.add(cur)
@@ -153,11 +153,10 @@ def build_generators(cfg: InferConfig, need_critic: bool, log=print) -> Loaded:
     log(f"critic: {critic_src} ({cwhy})")
     if critic_src.startswith(("http://", "https://")):
         critic = HTTPGenerator(critic_src, cfg.http_model, name="critic")
-    elif critic_src == source and model is not None:
-        critic = ModelGenerator(model, tok, cfg.top_k, cfg.top_p, cfg.seed + 1_000_003, name="critic")
     else:
-        # the base critic keeps its own vocabulary: reasoning tags in its prompts stay plain text
-        cmodel, ctok = _load(cfg, critic_src, add_reasoning_tokens=False)
+        # a separately loaded critic keeps its own vocabulary: reasoning tags in its prompts stay plain text
+        shared = critic_src == source and model is not None
+        cmodel, ctok = (model, tok) if shared else _load(cfg, critic_src, add_reasoning_tokens=False)
         critic = ModelGenerator(cmodel, ctok, cfg.top_k, cfg.top_p, cfg.seed + 1_000_003, name="critic")
     return Loaded(source, reasoner, critic, model, tok)
 
@@ -248,8 +247,6 @@ def _done_lines(path: Path) -> dict[int, str]:
 def run_batch(answer, input_path: Path, output_path: Path) -> int:
     """Answer every question of the input JSONL, appending one row per question (fsync'd) to the output; a failing
     question gives `{"line", "question", "error"}`. Rows already in the output are skipped. Returns #errors."""
-    from preflexor.utils import append_jsonl
-
     questions = read_questions(input_path)
     done = _done_lines(output_path)
     todo = [(n, q) for n, q in questions if done.get(n) != q]

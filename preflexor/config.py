@@ -1,6 +1,6 @@
 """Configuration: one dataclass per concern, YAML files, dotted `key=value` overrides.
 
-    cfg = load_config(Stage1Config, "configs/stage1_orpo.yaml", ["train.lr=1e-4", "lora.r=8"])
+    cfg = load_config(RunConfig, "configs/stage1_orpo.yaml", ["train.lr=1e-4", "lora.r=8"])
 
 An unknown key or a value of the wrong type is a one-line `UserError` naming the key and the valid ones.
 """

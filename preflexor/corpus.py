@@ -1,16 +1,16 @@
 """Documents and token-aware chunks: a folder of .txt/.md, a .jsonl with a `text` field, or the embedded ontologies.
 
-PRefLexOR builds its training data "in situ" from a corpus: random chunks seed a question and retrieval over all
-chunks enriches it (arXiv 2410.12375, §2). The embedded default is a deterministic biology/materials slice of the
-definitions shipped in the `cellxgene-ontology-guide` wheel (UBERON anatomy, CL cells, PATO qualities and a
-materials slice of ChEBI; licences in data/README.md): one document per defined term, "label: definition", with the
-term's synonyms and ancestor links in `meta` so graph.py can turn them into typed edges.
+PRefLexOR builds its training data "in situ": random chunks seed a question and retrieval over all chunks enriches
+it (arXiv 2410.12375, §2). The embedded default is a deterministic biology/materials slice of the UBERON, CL, PATO
+and ChEBI definitions in the `cellxgene-ontology-guide` wheel (licences in data/README.md): one document per term,
+"label: definition", with synonyms and ancestors in `meta` for graph.py's typed edges.
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
 import html
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -45,8 +45,7 @@ _LABEL_ONLY = {"CHEBI"}
 # drug roles and reagents are not materials even when their label names one ("calcium channel blocker")
 _CHEBI_EXCLUDE = re.compile(r"inhibitor|agonist|antagonist|blocker|modulator|receptor|degrader|channel|allergen", re.I)
 _PLAIN_LABEL = re.compile(r"^[A-Za-z][A-Za-z ,'\-]*$")  # skips systematic names like "poly[(1->4)-...]"
-# 2,500 documents (about 2,500 chunks) embed in about 60 CPU-seconds with MiniLM: a dense index in well under a
-# minute on 2 idle cores. The uncapped keyword slice has 5,750 documents.
+# The uncapped keyword slice has 5,750 documents; 2,500 keep the dense index build short on 2 CPU cores.
 DEFAULT_MAX_TERMS = 2500
 _SLICE_VERSION = 2  # bump when the slicing rule changes, to invalidate cached slices
 
@@ -74,12 +73,9 @@ class Chunk:
 
 
 def load_documents(source: str | Path) -> list[Document]:
-    """Documents from "ontology" (the embedded default), a folder of .txt/.md files, or a .jsonl file.
-
-    Folder: every .txt/.md below it (sorted; hidden files skipped), doc_id = path relative to the folder.
-    JSONL: one object per line with a string `text`, optional `id` (default "<file stem>:<line>") and `title`;
-    other keys go to `meta`. A bad line raises UserError naming file:line.
-    """
+    """Documents from "ontology" (the embedded default), a folder or a .jsonl file. Folder: every .txt/.md below it
+    (sorted, hidden skipped), doc_id = relative path. JSONL: objects with a string `text`, optional `id` (default
+    "<file stem>:<line>") and `title`, other keys in `meta`; a bad line raises UserError naming file:line."""
     if str(source) == "ontology":
         return load_ontology()
     path = Path(source)
@@ -94,9 +90,8 @@ def load_documents(source: str | Path) -> list[Document]:
 
 def _load_folder(root: Path) -> list[Document]:
     docs = []
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".md")
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    for p in files:
+    for p in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".md")
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts)):
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -223,17 +218,16 @@ def _select_terms(raw: Mapping[str, dict], ontologies: Sequence[str],
 def load_ontology(ontologies: Sequence[str] = ONTOLOGIES,
                   keywords: Mapping[str, Sequence[str]] | Sequence[str] | None = DEFAULT_KEYWORDS,
                   max_terms: int | None = DEFAULT_MAX_TERMS, use_cache: bool = True) -> list[Document]:
-    """The embedded corpus: one Document per non-deprecated, defined ontology term in the slice.
+    """The embedded corpus: one Document per non-deprecated, defined term in the slice, doc_id = term id, text =
+    "label: definition", title = label, meta = {term_id, label, synonyms, ancestors {id: distance} within the slice,
+    ontology, version}.
 
     Args:
-        ontologies: ontology names as in the package file names (newest version of each is used).
-        keywords: per-ontology keyword lists (or one list for all; None keeps every defined term). A term is in
-            the slice if its label or definition (ChEBI: label) matches; all its ancestors are added too.
-        max_terms: cap on the number of documents (None: no cap). Hits are taken with all their ancestors, the
-            most keyword-rich first within each ontology, the ontologies taking turns.
-        use_cache: keep the parsed slice as JSON under the cache dir, keyed by package version and arguments.
-    Documents: doc_id = term id, text = "label: definition", title = label, meta = {term_id, label, synonyms,
-    ancestors {id: distance} restricted to the slice, ontology, version}.
+        ontologies: names as in the package file names (the newest version of each is used).
+        keywords: per-ontology keyword lists, or one list for all, or None for every defined term. A term whose
+            label or definition (ChEBI: label) matches is taken with all its ancestors.
+        max_terms: document cap (None: none); the most keyword-rich hits first, the ontologies taking turns.
+        use_cache: keep the slice as JSON under the cache dir, keyed by package version and arguments.
     """
     from preflexor.assets import cache_dir, package_version
     from preflexor.utils import atomic_write_json
@@ -292,15 +286,13 @@ def word_tokens(text: str) -> list[str]:
 
 def chunk_documents(docs: Sequence[Document], chunk_size: int = 256, overlap: int = 32,
                     count_tokens: Callable[[str], list] | None = None) -> list[Chunk]:
-    """Split documents into chunks of at most `chunk_size` tokens that overlap by up to `overlap` tokens.
+    """Chunks of at most `chunk_size` tokens overlapping by up to `overlap`, broken at word boundaries (preferably a
+    sentence end in the window's second half; a word longer than `chunk_size` is its own chunk). chunk_id =
+    f"{doc_id}#{i}"; meta = doc meta plus source, chunk_index, char_start, char_end and n_tokens.
 
     Args:
-        count_tokens: an encode function `str -> list` (e.g. the LM tokenizer's encode); sizes are the lengths of
-            its outputs. Default: `word_tokens`. Each word is counted with the whitespace before it, which is exact
-            for tokenizers that pre-split at whitespace (BPE, WordPiece) and for the default.
-    Chunks break at word boundaries, preferring a sentence end in the second half of the window; a single word
-    longer than `chunk_size` becomes its own chunk. chunk_id = f"{doc_id}#{i}", independent of other documents.
-    Chunk meta = doc meta plus source, chunk_index, char_start, char_end and n_tokens.
+        count_tokens: an encode function `str -> list` (e.g. the LM tokenizer's); default `word_tokens`. Each word is
+            counted with the whitespace before it, exact for tokenizers that pre-split at whitespace (BPE, WordPiece).
     """
     if chunk_size < 1 or not 0 <= overlap < chunk_size:
         raise UserError(f"chunking needs chunk_size >= 1 and 0 <= overlap < chunk_size (got {chunk_size}, {overlap})")
@@ -328,9 +320,7 @@ def _pack(text: str, spans: list[tuple[int, int]], encode: Callable[[str], list]
     n = len(spans)
     counts = [len(encode(text[spans[i - 1][1] if i else spans[0][0]:spans[i][1]])) for i in range(n)]
     ends_sentence = [bool(_SENTENCE_END.search(text[s:e])) for s, e in spans]
-    cum = [0]
-    for c in counts:
-        cum.append(cum[-1] + c)
+    cum = [0, *itertools.accumulate(counts)]  # cum[j] = tokens in words [0, j)
     out, start = [], 0
     while start < n:
         end = max(bisect.bisect_right(cum, cum[start] + chunk_size) - 1, start + 1)  # words [start, end)
@@ -355,10 +345,7 @@ def corpus_fingerprint(chunks: Sequence[Chunk]) -> str:
     """sha256 over chunk ids and texts: the cache key of every index built from these chunks."""
     h = hashlib.sha256()
     for c in chunks:
-        h.update(c.chunk_id.encode())
-        h.update(b"\x00")
-        h.update(c.text.encode())
-        h.update(b"\x01")
+        h.update(c.chunk_id.encode() + b"\x00" + c.text.encode() + b"\x01")
     return h.hexdigest()
 
 

@@ -23,8 +23,7 @@ REQUIRED_KEYS = ("prompt", "chosen", "rejected")
 MASK_MODES = ("none", "answer_only", "random_fraction")
 
 
-# -----------------------------------------------------------------------------
-# JSONL reading and validation
+# -- JSONL reading and validation --------------------------------------------------------------------------------------
 
 def validate_record(obj) -> str | None:
     """Why `obj` is not a valid preference record, or None when it is."""
@@ -97,8 +96,7 @@ def heldout_pairs(run_dir: Path, cfg: dict) -> list[dict]:
             return records[len(records) - n_held:]
     raise UserError(f"{run_dir}: no held-out pairs (no data/heldout.jsonl and no data.pairs file); pass --heldout")
 
-# -----------------------------------------------------------------------------
-# Tokenization and truncation
+# -- Tokenization and truncation ---------------------------------------------------------------------------------------
 
 def tokenize_pair(tok, record: dict, max_prompt_len: int = 512, max_length: int = 1024, system: str | None = None,
                   mask_mode: str = "none", keep_delimiter: bool = True, fraction: float = 0.2,
@@ -138,8 +136,7 @@ def tokenize_pairs(tok, records: Iterable[dict], **kw) -> tuple[list[dict], int]
     return out, dropped
 
 
-# -----------------------------------------------------------------------------
-# Thinking masks (stage 2, preflexor.md §4.2)
+# -- Thinking masks (stage 2, preflexor.md §4.2) -----------------------------------------------------------------------
 
 def tokenize_for(tok, records: Iterable[dict], data_cfg, loss_cfg, seed: int) -> tuple[list[dict], int]:
     """`tokenize_pairs` with a run's lengths and system prompt (`config.DataConfig`) and thinking mask
@@ -197,8 +194,7 @@ def thinking_mask(response_ids: Sequence[int] | torch.Tensor, mode: str, think_s
     raise UserError(f"unknown thinking mask mode {mode!r} (choose from {', '.join(MASK_MODES)})")
 
 
-# -----------------------------------------------------------------------------
-# Collation
+# -- Collation ---------------------------------------------------------------------------------------------------------
 
 def collate_pairs(batch: list[dict], pad_id: int) -> dict:
     """Right-padded tensors for one forward over chosen rows then rejected rows ([2B, T], split with `chunk(2)`).
@@ -244,8 +240,7 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict:
             "response_lens": response_lens}
 
 
-# -----------------------------------------------------------------------------
-# Data order
+# -- Data order --------------------------------------------------------------------------------------------------------
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -7,10 +7,10 @@
                sampled on-policy), or the teacher's incorrect answer
     prompt   = question + " Use <|thinking|>."
 
-Records are JSONL `{"prompt", "chosen", "rejected", "meta"}` with provenance in meta. Output is appended line by
-line with fsync; a rerun reads the valid lines (a torn last line is cut away) and continues from their count. Every
-example is seeded from (seed, index), so a rerun writes the same examples and no index is written twice.
-`PairSource` is the training scripts' view: a fixed JSONL, or the active loop's fresh pairs every iteration.
+Records are JSONL `{"prompt", "chosen", "rejected", "meta"}` with provenance in meta, appended line by line with
+fsync; a rerun keeps the valid lines (a torn last line is cut away) and continues from their count. Every example is
+seeded from (seed, index), so a rerun writes the same examples and no index twice. `PairSource` is the training
+scripts' view: a fixed JSONL, or the active loop's fresh pairs every iteration.
 
 CLI: python -m preflexor.datagen --out data/pairs.jsonl --n 64 [--config configs/data.yaml] [key=value ...]
 """
@@ -77,17 +77,15 @@ class DatagenConfig:
     seed: int = 0
 
 
-# -----------------------------------------------------------------------------
-# one example, teacher side
+# -- one example, teacher side -----------------------------------------------------------------------------------------
 
 def _context(i: int, seed: int, chunks, retriever, topics, n_context: int):
-    rng = stable_rng(seed, "context", i)
     if topics:
         topic = topics[i % len(topics)]
         if retriever is None:
             raise UserError("datagen: topics need a retriever (retrieval must not be 'none')")
         return topic, [c for c, _ in retriever.search(topic, n_context)]
-    return None, rng.sample(list(chunks), min(n_context, len(chunks)))
+    return None, stable_rng(seed, "context", i).sample(list(chunks), min(n_context, len(chunks)))
 
 
 def teacher_part(i: int, teacher, chunks, graph, retriever, seed: int, topics=None, context_chunks: int = 3,
@@ -138,13 +136,6 @@ def teacher_part(i: int, teacher, chunks, graph, retriever, seed: int, topics=No
     return out
 
 
-def defining_chunks(graph, node: str) -> list[str]:
-    """The chunks that define a concept (an ontology term's own document), else the first chunk mentioning it."""
-    cids = graph.g.nodes[node].get("chunk_ids", [])
-    own = [c for c in cids if c.startswith(node + "#")]
-    return own or cids[:1]
-
-
 def graph_context(graph, question: str, max_triples: int) -> tuple[list[str], list[tuple[str, str, str]], list[str]]:
     """(labels of the concepts in the question, up to `max_triples` (A, relation, B) label triples of their
     neighbourhood, chunk ids defining those concepts and their neighbours)."""
@@ -158,13 +149,14 @@ def graph_context(graph, question: str, max_triples: int) -> tuple[list[str], li
                     edges.setdefault(e)
     chunk_ids: dict[str, None] = {}
     for n in [*nodes, *(x for u, _, v in edges for x in (u, v))]:
-        chunk_ids.update(dict.fromkeys(defining_chunks(graph, n)))
+        # the chunks defining a concept (an ontology term's own document), else the first chunk mentioning it
+        cids = graph.g.nodes[n].get("chunk_ids", [])
+        chunk_ids.update(dict.fromkeys([c for c in cids if c.startswith(n + "#")] or cids[:1]))
     triples = [(graph.label(u), r, graph.label(v)) for u, r, v in edges]
     return [graph.label(n) for n in nodes], triples, list(chunk_ids)
 
 
-# -----------------------------------------------------------------------------
-# rejected answers from the model (batched sampler)
+# -- rejected answers from the model (batched sampler) -----------------------------------------------------------------
 
 def model_prompt(tok, question: str, stage: int, system: str | None = None) -> list[int]:
     """Token ids of the rejected-answer prompt: stage 1 asks for a direct answer (no thinking trigger), stage 2 uses
@@ -193,8 +185,7 @@ def model_rejected(model, tok, questions: Sequence[str], seeds: Sequence[int], s
     return outs
 
 
-# -----------------------------------------------------------------------------
-# resumable output
+# -- resumable output --------------------------------------------------------------------------------------------------
 
 def read_existing(path: str | Path, run_id: str | None = None) -> list[dict]:
     """Valid records already in `path`, in order. A torn last line (no newline, or not JSON) is truncated away;
@@ -242,13 +233,7 @@ def read_existing(path: str | Path, run_id: str | None = None) -> list[dict]:
     return records
 
 
-def run_fingerprint(**settings) -> str:
-    """Short hash of everything that determines the examples (not n, not the output path)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-# -----------------------------------------------------------------------------
-# the pipeline
+# -- the pipeline ------------------------------------------------------------------------------------------------------
 
 def generate_pairs(n: int, teacher, docs, chunks, graph, retriever=None, rejected_source: str = "model",
                    model=None, tokenizer=None, out_path: str | Path | None = None, seed: int = 0,
@@ -257,14 +242,11 @@ def generate_pairs(n: int, teacher, docs, chunks, graph, retriever=None, rejecte
                    temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 0.9,
                    system_prompt: str | None = None, batch_size: int = 16, progress: bool = True,
                    run_settings: dict | None = None) -> list[dict]:
-    """Generate preference pairs `start_index .. start_index + n - 1` (the training loop's iteration k passes
-    start_index = k * n so every iteration sees new contexts).
-
-    With `out_path` each record is appended (fsync) as soon as its batch is done, and an existing file is resumed:
-    its valid records are kept and returned, generation continues after them. Teacher calls run concurrently for
-    teachers with `concurrency > 1` (HTTP); model-rejected answers are sampled in one batch per `batch_size`.
-    Returns the n records in index order.
-    """
+    """The n preference pairs `start_index .. start_index + n - 1`, in index order (the training loop's iteration k
+    passes start_index = k * n so every iteration sees new contexts). With `out_path` each record is appended (fsync)
+    as soon as its batch is done, and an existing file is resumed: its valid records are kept and returned,
+    generation continues after them. Teachers with `concurrency > 1` (HTTP) are called concurrently; model-rejected
+    answers are sampled in one batch per `batch_size`."""
     from tqdm import tqdm
 
     if rejected_source not in REJECTED_SOURCES:
@@ -278,7 +260,8 @@ def generate_pairs(n: int, teacher, docs, chunks, graph, retriever=None, rejecte
                 "kg_triples": kg_triples, "n_chunks": len(chunks), "retriever": type(retriever).__name__,
                 **({"sampling": [max_new_tokens, temperature, top_k, top_p, system_prompt]}
                    if rejected_source == "model" else {}), **(run_settings or {})}
-    run_id = run_fingerprint(**settings)
+    # short hash of everything that determines the examples (not n, not the output path)
+    run_id = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     records = read_existing(out_path, run_id) if out_path is not None else []
     if records and records[0]["meta"]["index"] != start_index:
         raise UserError(f"{out_path}:1: starts at example {records[0]['meta']['index']}, expected {start_index}")
@@ -334,8 +317,7 @@ def teacher_id(teacher) -> str:
     return teacher.name
 
 
-# -----------------------------------------------------------------------------
-# CLI
+# -- CLI ---------------------------------------------------------------------------------------------------------------
 
 def _opt(cfg, key: str):
     """cfg.key, or DatagenConfig's default when cfg (e.g. the training scripts' DataConfig) has no such key."""
@@ -414,10 +396,6 @@ def main(argv: list[str] | None = None) -> None:
                       "config": asdict(cfg)}))
 
 
-if __name__ == "__main__":
-    main()
-
-
 class PairSource:
     """Where each iteration's pairs come from: a fixed preference JSONL (the last `data.heldout_pairs` records held
     out), or the active loop, which generates `data.pairs_per_iteration` fresh pairs per iteration with the current
@@ -476,3 +454,7 @@ class PairSource:
             return self.train_records
         n = self.cfg.data.pairs_per_iteration
         return self._generate(n, it * n, self.dir / f"iter_{it:03d}.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,10 @@
 """A knowledge graph over the corpus: concept nodes, typed edges, and the chunk ids every node and edge came from.
 
 PRefLexOR's thinking sections draw on a knowledge graph built around the question (arXiv 2410.12375, §2; the
-Graph-PRefLexOR follow-up writes it out as "[A] -[RELATION]-> [B]" lines). The original code only had a vector
-index; here the graph is real (networkx MultiDiGraph, one edge per (src, dst, relation)):
-  - `is_a` edges from the ontology's distance-1 ancestors (the ancestor map carries no relation type, and
-    transitive ancestors are left out),
-  - `co_occurs` edges between concepts mentioned in the same chunks, weighted by pointwise mutual information
-    PMI(a, b) = log(n_ab * N / (n_a * n_b)) over N chunks, kept when PMI > 0 and n_ab >= min_count,
-  - triples an LLM teacher extracted, "[A] -[RELATION]-> [B]", with the relation normalised (IS-A -> is_a).
-Concept mentions are found by label/synonym matching: case-insensitive, whole words, longest match first.
+Graph-PRefLexOR follow-up writes it as "[A] -[RELATION]-> [B]" lines). A networkx MultiDiGraph, one edge per
+(src, dst, relation): `is_a` from the ontology's distance-1 ancestors (transitive ones left out); `co_occurs` between
+concepts mentioned in the same chunks, weighted by PMI(a, b) = log(n_ab * N / (n_a * n_b)) over N chunks and kept
+when PMI > 0 and n_ab >= min_count; and LLM-extracted triples with the relation normalised (IS-A -> is_a).
 """
 from __future__ import annotations
 
@@ -17,14 +13,14 @@ import json
 import math
 import os
 import re
-import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import networkx as nx
 
 from preflexor.corpus import Chunk, Document
+from preflexor.utils import atomic_write, atomic_write_text, save_png
 
 IS_A = "is_a"
 CO_OCCURS = "co_occurs"
@@ -44,11 +40,8 @@ def normalize_relation(relation: str) -> str:
 
 
 def parse_triples(text: str) -> list[tuple[str, str, str]]:
-    """(source, relation, target) from lines holding "[A] -[RELATION]-> [B]"; lines without one are ignored.
-
-    Bullets or numbering around the triple are allowed; labels are stripped and relations normalised; a triple
-    with an empty part or the same concept on both sides is dropped.
-    """
+    """(source, relation, target) from lines holding "[A] -[RELATION]-> [B]" (bullets around it allowed), labels
+    stripped and relations normalised; a triple with an empty part or the same concept on both sides is dropped."""
     out = []
     for line in text.splitlines():
         m = _TRIPLE.search(line)
@@ -68,13 +61,10 @@ def format_triples(triples: Iterable[tuple[str, str, str]]) -> str:
 
 
 class KnowledgeGraph:
-    """Concept graph with provenance. Nodes: id -> {label, synonyms, chunk_ids, origin, ontology}
-    (origin: "ontology", "llm", ...; not "source", which node-link JSON uses for edge ends).
-
-    Edges (key = relation): {relation, weight, count, chunk_ids, origin}. `chunk_ids` lists the chunks a concept
-    was found in (or its defining chunk) and the chunks an edge was read from. `co_occurs` edges are stored once,
-    from the smaller to the larger node id, and read in both directions. Not thread-safe: grow it from one thread.
-    """
+    """Concept graph with provenance. Nodes: id -> {label, synonyms, chunk_ids, origin, ontology} ("origin", not
+    "source", which node-link JSON uses for edge ends); edges (key = relation): {relation, weight, count, chunk_ids,
+    origin}. `chunk_ids` are the chunks a concept was found in (or its defining chunk) or an edge was read from.
+    `co_occurs` edges are stored once, smaller to larger node id, and read both ways. Grow it from one thread."""
 
     def __init__(self, graph: nx.MultiDiGraph | None = None):
         self.g = graph if graph is not None else nx.MultiDiGraph()
@@ -128,12 +118,7 @@ class KnowledgeGraph:
         ontology used to annotate a folder of papers), `is_a` edges from distance-1 ancestors, then mentions and
         PMI co-occurrence over `chunks`."""
         kg = cls()
-        kg.g.graph["min_count"] = int(min_count)
-        chunk_ids_of = defaultdict(list)
-        for c in chunks:
-            chunk_ids_of[c.doc_id].append(c.chunk_id)
-        kg._add_ontology_docs(list(docs) + list(concept_docs), chunk_ids_of)
-        kg.grow(chunks)
+        kg.grow(chunks, [*docs, *concept_docs], int(min_count))
         return kg
 
     def _add_ontology_docs(self, docs: Sequence[Document], chunk_ids_of: dict[str, list[str]]) -> None:
@@ -161,43 +146,36 @@ class KnowledgeGraph:
         new = [c for c in chunks if c.chunk_id not in seen]
         for c in new:
             for node in self.find_concepts(c.text, max_n=None):
-                data = self.g.nodes[node]
-                data["chunk_ids"] = _merged(data["chunk_ids"], [c.chunk_id])
+                self.g.nodes[node]["chunk_ids"] = _merged(self.g.nodes[node]["chunk_ids"], [c.chunk_id])
         self.g.graph["seen_chunk_ids"] = self.g.graph["seen_chunk_ids"] + [c.chunk_id for c in new]
         self._recompute_cooccurrence()
 
     def _recompute_cooccurrence(self) -> None:
         seen = set(self.g.graph["seen_chunk_ids"])
-        n = len(seen)
         nodes_in = defaultdict(list)  # chunk id -> concepts it mentions
         for node, cids in self.g.nodes(data="chunk_ids"):
             for cid in cids:
                 if cid in seen:
                     nodes_in[cid].append(node)
-        n_a = defaultdict(int)
-        pair_chunks = defaultdict(list)
+        n_a, pair_chunks = Counter(), defaultdict(list)
         for cid in sorted(nodes_in):
             found = sorted(set(nodes_in[cid]))
-            for a in found:
-                n_a[a] += 1
+            n_a.update(found)
             for a, b in itertools.combinations(found, 2):
                 pair_chunks[a, b].append(cid)
         self.g.remove_edges_from([(u, v, k) for u, v, k in self.g.edges(keys=True) if k == CO_OCCURS])
         for (a, b), cids in pair_chunks.items():
             if len(cids) < self.g.graph["min_count"]:
                 continue
-            pmi = math.log(len(cids) * n / (n_a[a] * n_a[b]))
+            pmi = math.log(len(cids) * len(seen) / (n_a[a] * n_a[b]))
             if pmi > 0:
                 self.g.add_edge(a, b, key=CO_OCCURS, relation=CO_OCCURS, weight=pmi, count=len(cids),
                                 chunk_ids=cids, origin="cooccurrence")
         self._changed()
 
     def add_triples(self, text: str, chunk_ids: Sequence[str] = (), origin: str = "llm") -> list[tuple[str, str, str]]:
-        """Parse "[A] -[RELATION]-> [B]" lines and add them as typed edges, with `chunk_ids` as their provenance.
-
-        A and B resolve to existing concepts by label/synonym; unknown ones become new nodes "concept:<words>".
-        Returns the (src_id, relation, dst_id) edges added.
-        """
+        """Add the "[A] -[RELATION]-> [B]" lines of `text` as edges from `chunk_ids`; returns the (src_id, relation,
+        dst_id) edges added. A and B resolve by label/synonym; unknown ones become new nodes "concept:<words>"."""
         added = []
         for a, rel, b in parse_triples(text):
             src, dst = self._resolve_or_create(a, chunk_ids, origin), self._resolve_or_create(b, chunk_ids, origin)
@@ -233,11 +211,8 @@ class KnowledgeGraph:
         return self._index
 
     def find_concepts(self, text: str, max_n: int | None = 10) -> list[str]:
-        """Concept ids mentioned in `text`, in order of first mention, longest match first at each position.
-
-        Matching is on whole words, case-insensitive; a phrase ending in "s" also matches its singular; phrases
-        shorter than 3 characters or all digits are never matched in text (but still resolve by `resolve`).
-        """
+        """Concept ids mentioned in `text` (whole words, case-insensitive, plural "s" allowed), in order of first
+        mention, longest match first; phrases under 3 characters or all digits only resolve by `resolve`."""
         index = self._phrase_index()
         words = [w.lower() for w in _WORD.findall(text)]
         found: dict[str, None] = {}
@@ -258,9 +233,7 @@ class KnowledgeGraph:
 
     def resolve(self, name: str) -> str | None:
         """A node id given a node id, label or synonym (case-insensitive); None when unknown."""
-        if name in self.g:
-            return name
-        nodes = self._phrase_index().get(normalize_phrase(name))
+        nodes = self._candidates(name)
         return nodes[0] if nodes else None
 
     def _candidates(self, name: str) -> list[str]:
@@ -358,9 +331,7 @@ class KnowledgeGraph:
         return out[:k]
 
     def summary(self) -> dict:
-        rel = defaultdict(int)
-        for _, _, key in self.g.edges(keys=True):
-            rel[key] += 1
+        rel = Counter(key for _, _, key in self.g.edges(keys=True))
         return {"nodes": self.g.number_of_nodes(), "edges": self.g.number_of_edges(), "relations": dict(rel),
                 "chunks": len(self.g.graph["seen_chunk_ids"])}
 
@@ -374,13 +345,9 @@ class KnowledgeGraph:
         encoded = {"node": set(), "edge": set(), "graph": set()}
 
         def enc(kind: str, attrs: dict) -> dict:
-            out = {}
-            for k, v in attrs.items():
-                if isinstance(v, (list, dict, tuple)):
-                    encoded[kind].add(k)
-                    v = json.dumps(v, ensure_ascii=False)
-                out[k] = v
-            return out
+            nested = {k for k, v in attrs.items() if isinstance(v, (list, dict, tuple))}
+            encoded[kind] |= nested
+            return {k: json.dumps(v, ensure_ascii=False) if k in nested else v for k, v in attrs.items()}
 
         for n, data in self.g.nodes(data=True):
             h.add_node(n, **enc("node", data))
@@ -389,7 +356,7 @@ class KnowledgeGraph:
         h.graph.update(enc("graph", self.g.graph))
         for kind, names in encoded.items():
             h.graph[f"json_{kind}_attrs"] = json.dumps(sorted(names))
-        _atomic(path, lambda tmp: nx.write_graphml(h, tmp))
+        atomic_write(path, lambda f: nx.write_graphml(h, f), binary=True)
 
     @classmethod
     def from_graphml(cls, path: str | os.PathLike) -> "KnowledgeGraph":
@@ -412,8 +379,7 @@ class KnowledgeGraph:
         return cls(h)
 
     def to_json(self, path: str | os.PathLike) -> None:
-        data = nx.node_link_data(self.g, edges="edges")
-        _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8"))
+        atomic_write_text(path, json.dumps(nx.node_link_data(self.g, edges="edges"), ensure_ascii=False))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "KnowledgeGraph":
@@ -425,12 +391,11 @@ class KnowledgeGraph:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        edges = self.neighbourhood_edges(node, hops, max_edges)
         start = self.resolve(node)
         h = nx.DiGraph()
         if start is not None:
             h.add_node(start)
-        for u, rel, v in edges:
+        for u, rel, v in self.neighbourhood_edges(node, hops, max_edges):
             h.add_edge(u, v, relation=rel)
         fig = Figure(figsize=(10, 8), dpi=100)
         FigureCanvasAgg(fig)
@@ -444,29 +409,10 @@ class KnowledgeGraph:
             nx.draw_networkx_edges(h, pos, ax=ax, arrows=True, edge_color="#555555")
             nx.draw_networkx_labels(h, pos, ax=ax, labels={n: self.label(n) for n in h.nodes}, font_size=8)
             nx.draw_networkx_edge_labels(h, pos, ax=ax, edge_labels=nx.get_edge_attributes(h, "relation"), font_size=7)
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+        save_png(fig, path)
 
 
 def _merged(old: Sequence[str], new: Iterable[str]) -> list[str]:
     """`old` plus the items of `new` it lacks, order kept (provenance lists stay stable and duplicate-free)."""
-    out = list(old)
-    have = set(out)
-    for x in new:
-        if x not in have:
-            have.add(x)
-            out.append(x)
-    return out
-
-
-def _atomic(path: str | os.PathLike, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; exported files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    have = set(old)
+    return list(old) + [x for x in dict.fromkeys(new) if x not in have]

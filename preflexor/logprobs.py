@@ -1,18 +1,15 @@
 """Per-token and per-sequence log-probs of labels under the LM head, without materialising [tokens, vocab] logits.
 
-The preference losses need only log p(y_t) at each label, but the eager route (logits = hidden @ W.T, log_softmax,
-gather) holds several [N, V] float32 tensors: 0.4 GB each for 2k tokens of SmolLM2 (V=49152), 2.1 GB each for 4k
-tokens of Llama-3.2 (V=128256). `token_logps` walks the tokens in chunks instead (the fused-linear design of Liger's
-FLCE and CCE, reference/losses.md §2.3-2.4): the forward keeps one float32 logsumexp per token, the backward
-recomputes each chunk's logits and turns them in place into d logp / d logits = onehot - softmax. Beyond the
-inputs and their gradients, peak memory is one [chunk, V] block. `token_logps_reference` is the plain path the
-tests hold it to.
-
-A head whose only trainable part is a few rows (stage 1 trains the rows of the new thinking tokens, `lora.py`) is
-passed as a constant W plus `rows`/`row_weight`: the forward keeps the [N, K] columns of (onehot - softmax) at those
-rows, and their [K, H] gradient is one small product in the backward, with no [V, H] gradient anywhere.
-
-Labels are not shifted here: `labels[i]` is the token predicted from `hidden[i]` (the caller shifts once).
+The losses need only log p(y_t), but the eager route (hidden @ W.T, log_softmax, gather) holds several [N, V] float32
+tensors: 0.4 GB each for 2k tokens of SmolLM2 (V=49152), 2.1 GB for 4k tokens of Llama-3.2 (V=128256).
+`token_logps` walks the tokens in chunks instead (the fused-linear design of Liger's FLCE and CCE,
+reference/losses.md §2.3-2.4): the forward keeps one float32 logsumexp per token, the backward recomputes each
+chunk's logits and turns them in place into d logp / d logits = onehot - softmax, so beyond the inputs and their
+gradients peak memory is one [chunk, V] block (`token_logps_reference` is the plain path the tests hold it to). A
+head whose only trainable part is a few rows (stage 1's new thinking tokens, `lora.py`) is passed as a constant W
+plus `rows`/`row_weight`: the forward keeps the [N, K] columns of (onehot - softmax) at those rows, and their
+[K, H] gradient is one small product, with no [V, H] gradient anywhere. Labels are not shifted here: `labels[i]`
+is the token predicted from `hidden[i]` (the caller shifts once).
 """
 from __future__ import annotations
 
@@ -28,10 +25,7 @@ MIN_CHUNK = 256  # rows below which large-H matmuls lose efficiency (bench/RESUL
 
 def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
     """Tokens per chunk: a quarter of the batch (so the logits held at once are at most 1/4 of the full [N, V]),
-    but at least MIN_CHUNK rows for matmul efficiency and at most CHUNK_BYTES of float32 logits; a multiple of 8.
-
-    E.g. 512 tokens for 2k tokens at V=49152 (100 MiB), 1024 for 4k tokens at V=128256 (501 MiB).
-    """
+    but at least MIN_CHUNK rows for matmul efficiency and at most CHUNK_BYTES of float32 logits; a multiple of 8."""
     by_bytes = max(8, CHUNK_BYTES // (4 * vocab_size) // 8 * 8)
     quarter = max(MIN_CHUNK, -(-n_tokens // 32) * 8)  # ceil(N / 4), rounded up to a multiple of 8
     return max(1, min(n_tokens, by_bytes, quarter))
@@ -55,10 +49,8 @@ def _resolve_impl(impl: str | None, device: torch.device) -> str:
 
 def _lse_logp_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, unit_grad: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Torch twin of kernels.lse_and_logp: (logsumexp [n], label log-prob [n], optional onehot - softmax [n, V]).
-
-    Works in place on `logits` (a temporary of the caller) so one [n, V] float32 block is live at a time.
-    """
+    """Torch twin of kernels.lse_and_logp: (logsumexp [n], label log-prob [n], optional onehot - softmax [n, V]),
+    in place on `logits` (the caller's temporary) so one [n, V] float32 block is live at a time."""
     x = logits.to(_acc_dtype(logits.dtype))  # [n, V]; a copy only for half-precision logits
     valid = labels != ignore_index
     picked = x.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)  # [n]
@@ -74,31 +66,24 @@ def _lse_logp_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, un
     return lse, logp, x.index_put_((rows, torch.where(valid, labels, 0)), scale, accumulate=True)
 
 
-def _onehot_minus_(p: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Turn softmax p [n, V] in place into scale[:, None] * (onehot(labels) - p); scale is 0 on ignored rows."""
-    p.mul_(-scale[:, None])
-    rows = torch.arange(p.shape[0], device=p.device)
-    p.index_put_((rows, torch.where(valid, labels, 0)), scale, accumulate=True)
-    return p
-
-
 def _softmax_grad_(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
                    ignore_index: int) -> torch.Tensor:
     """Torch twin of kernels.softmax_grad_: scale * (onehot - softmax) from the saved lse, zero rows where ignored."""
     valid = labels != ignore_index
+    scale = torch.where(valid, scale.to(lse.dtype), 0.0)  # [n], 0 on ignored rows
     p = logits.to(lse.dtype).sub_(lse[:, None]).exp_()  # [n, V] softmax, in place for float32 logits
-    return _onehot_minus_(p, labels, torch.where(valid, scale.to(lse.dtype), 0.0), valid)
+    p.mul_(-scale[:, None])
+    rows = torch.arange(p.shape[0], device=p.device)
+    return p.index_put_((rows, torch.where(valid, labels, 0)), scale, accumulate=True)
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """logp[i] = (h[i] @ W.T)[y_i] - logsumexp(h[i] @ W.T), chunked over tokens; see the module docstring.
-
-    When only `hidden` needs a gradient (a frozen head, as under LoRA), the forward also stores
-    (onehot - softmax) @ W per token ([N, H]): d logp_i / d h_i does not depend on the upstream gradient except
-    through the row scale grad_out[i], so the backward is one multiply and no logits are recomputed.
-    With `rows` [K] and their trainable values `row_weight` [K, H] (W constant, already holding those values),
-    d logp_i / d W[rows] = (onehot - softmax)_i[rows] outer h_i: the forward keeps those K columns ([N, K]) and the
-    backward forms sum_i grad_out[i] * (...) as a [K, N] x [N, H] product, chunk by chunk.
+    """logp[i] = (h[i] @ W.T)[y_i] - logsumexp(h[i] @ W.T), chunked over tokens. When only `hidden` needs a
+    gradient (a frozen head, as under LoRA), the forward also stores (onehot - softmax) @ W per token ([N, H]):
+    d logp_i / d h_i depends on the upstream gradient only through the row scale grad_out[i], so the backward is one
+    multiply with no logits recomputed. With `rows` [K] and their values `row_weight` [K, H] (W constant, holding
+    them), d logp_i / d W[rows] = (onehot - softmax)_i[rows] outer h_i: the forward keeps those [N, K] columns and
+    the backward forms sum_i grad_out[i] * (...) as a [K, N] x [N, H] product, chunk by chunk.
     """
 
     @staticmethod
@@ -117,9 +102,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             logits = linear(h, w)  # [n, V]; oneDNN for float32 on the CPU unless plain
             if use_triton:
                 lse_c, logp_c = kernels.lse_and_logp(logits, y, ignore_index)
-                g = None
-                if unit:
-                    g = kernels.softmax_grad_(logits, y, lse_c, torch.ones_like(lse_c), ignore_index)
+                g = kernels.softmax_grad_(logits, y, lse_c, torch.ones_like(lse_c), ignore_index) if unit else None
             else:
                 lse_c, logp_c, g = _lse_logp_(logits, y, ignore_index, unit_grad=unit)
             lse[s:s + chunk_size], out[s:s + chunk_size] = lse_c, logp_c
@@ -153,9 +136,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_w = None
-        if need_w:  # at least float32 accumulation across chunks; written straight into the result when W is fp32
-            grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device)
+        # at least float32 accumulation across chunks; written straight into the result when W is fp32
+        grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if need_w else None
         c = ctx.chunk_size
         for s in range(0, hidden.shape[0], c):
             h, y = hidden[s:s + c], labels[s:s + c]
@@ -202,7 +184,8 @@ def _chunk_grad(logits, labels, lse, scale, ignore_index, use_triton):
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                 chunk_size: int | None = None, impl: str | None = None, rows: torch.Tensor | None = None,
                 row_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-prob of each label under softmax(hidden @ weight.T), 0.0 where labels == ignore_index.
+    """Log-prob of each label under softmax(hidden @ weight.T), 0.0 where labels == ignore_index; a tensor of labels'
+    shape, float32 (float64 for float64 inputs, which gradcheck uses).
 
     Args:
         hidden: [N, H] or [B, T, H] final hidden states (after the last norm).
@@ -216,8 +199,6 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             `row_weight` [K, H] (e.g. `Transformer.head_parts()`). `weight` is then a constant that already holds
             those values; the result and the gradients of hidden and row_weight equal those of
             `weight.index_put((rows,), row_weight)` as the head, but take the frozen-head path plus a [K, H] product.
-    Returns:
-        tensor of labels' shape, float32 (float64 for float64 inputs, which gradcheck uses).
     """
     if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"token_logps: hidden {tuple(hidden.shape)} must be [..., H] and weight "
@@ -284,17 +265,12 @@ def token_logps_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
-    """Sum (average=False; DPO/EXO) or mean (average=True; IPO, ORPO) of token log-probs where mask != 0.
-
-    token_logps, mask: [B, T]. Any extra mask (response-only, thinking tokens hidden) is just folded into `mask`.
-    The mean divides by the token count clamped to >= 1, so a fully masked row gives 0.0, not 0/0 (TRL #1473).
-    Returns [B], float32 (float64 for float64 input).
-    """
+    """Sum (average=False; DPO/EXO) or mean (average=True; IPO, ORPO) of token log-probs [B, T] where mask [B, T]
+    != 0, as [B] float32 (float64 for float64 input). Extra masks (response-only, thinking hidden) fold into `mask`;
+    the mean divides by the count clamped to >= 1, so a fully masked row gives 0.0, not 0/0 (TRL #1473)."""
     if token_logps.dim() != 2 or mask.shape != token_logps.shape:
         raise ValueError(f"sequence_logps: token_logps {tuple(token_logps.shape)} and mask {tuple(mask.shape)} "
                          "must both be [B, T]")
     keep = mask != 0
     total = torch.where(keep, token_logps.to(_acc_dtype(token_logps.dtype)), 0.0).sum(dim=1)  # [B]
-    if not average:
-        return total
-    return total / keep.sum(dim=1).clamp(min=1).to(total.dtype)
+    return total / keep.sum(dim=1).clamp(min=1).to(total.dtype) if average else total

@@ -2,17 +2,14 @@
 (adapter files in PEFT's format: peft_io.py).
 
 LoRA (Hu et al. 2021, Eq. 3): h = W0 x + (alpha/r) B A x with A Kaiming-uniform and B zero, so the adapted model is
-the base model at step 0; rsLoRA scales by alpha/sqrt(r) instead. The wrappers keep the base `weight`/`bias` names,
-so base state-dict keys are unchanged (`model.layers.0.self_attn.q_proj.weight`) and adapters are extra keys.
-
-PRefLexOR stage 1 (paper §3.3) also targets `embed_tokens` and `lm_head`, because the new thinking tokens need
-trained rows. Two ways are offered, and they combine: LoRA on the embedding/head (PEFT's convention: embedding
-A [r, V] zero, B [H, r] normal, no dropout) and `train_new_token_rows`, which trains exactly the rows of the new
-tokens (PEFT calls this "trainable tokens"). In a tied model the head LoRA is a separate delta on the shared matrix,
-as in PEFT, so merging it unties the head (paper §3.5: the released PRefLexOR checkpoints are untied).
-
-`disable_lora` is the DPO/EXO reference (STYLE §20): LoRA branches are skipped, with no second copy of the weights.
-Trainable new-token rows stay in effect under it (they are part of the stage-1 model that stage 2 starts from).
+the base model at step 0; rsLoRA scales by alpha/sqrt(r). The wrappers keep the base `weight`/`bias` names, so base
+state-dict keys are unchanged and adapters are extra keys. PRefLexOR stage 1 (paper §3.3) also targets
+`embed_tokens` and `lm_head`, since the new thinking tokens need trained rows, in two ways that combine: LoRA on the
+embedding/head (PEFT's convention: embedding A [r, V] zero, B [H, r] normal, no dropout) and `train_new_token_rows`,
+which trains exactly the new tokens' rows (PEFT's "trainable tokens"). In a tied model the head LoRA is a separate
+delta on the shared matrix, as in PEFT, so merging unties the head (paper §3.5: the released checkpoints are untied).
+`disable_lora` is the DPO/EXO reference (STYLE §20): LoRA branches skipped, no second copy of the weights; the
+trainable new-token rows stay in effect (they are part of the stage-1 model that stage 2 starts from).
 """
 from __future__ import annotations
 
@@ -81,6 +78,13 @@ class _Adapted(nn.Module):
             weight = self.rows_weight()  # a [V, H] copy, as effective_weight() makes; the base stays untouched
         return weight, self.row_ids, self.new_rows
 
+    @property
+    def active(self) -> bool:
+        return self.lora_a is not None and not self.disabled and not self.merged
+
+    def _head_lora_active(self) -> bool:
+        return self.active  # LoRAEmbedding overrides: its own LoRA never reaches the tied head
+
 
 def _lora_pair(r: int, fan_in: int, fan_out: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
     """A [r, in] Kaiming-uniform(a=sqrt(5)) (nn.Linear's init, as in LoRA and PEFT) and B [out, r] zero."""
@@ -98,9 +102,8 @@ def _merged(w: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor | None, sca
 
 
 class LoRALinear(_Adapted):
-    """y = x W^T + b + scale * B A drop(x); `weight`/`bias` are the frozen base module's own parameters.
-
-    With r == 0 there is no LoRA branch (an untied head that only trains new-token rows)."""
+    """y = x W^T + b + scale * B A drop(x); `weight`/`bias` are the frozen base module's own parameters. With r == 0
+    there is no LoRA branch (an untied head that only trains new-token rows)."""
 
     def __init__(self, base: nn.Linear, r: int = 0, alpha: float = 1.0, dropout: float = 0.0, rslora: bool = False):
         super().__init__(base.weight)
@@ -118,13 +121,6 @@ class LoRALinear(_Adapted):
         self.lora_a, self.lora_b = _lora_pair(r, self.in_features, self.out_features, self.weight)
         self.r, self.alpha, self.rslora, self.scale = r, alpha, rslora, lora_scale(alpha, r, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def active(self) -> bool:
-        return self.lora_a is not None and not self.disabled and not self.merged
-
-    def _head_lora_active(self) -> bool:
-        return self.active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.rows_weight(), self.bias)
@@ -156,9 +152,8 @@ class LoRALinear(_Adapted):
 
 class LoRAEmbedding(_Adapted):
     """Embedding with PEFT's LoRA: e = W[ids] + scale * (A^T[ids]) B^T, A [r, V] zero, B [H, r] normal, no dropout.
-
-    In a tied model this module also carries the head's separate LoRA (`head_lora_a` [r, H], `head_lora_b` [V, r]),
-    because `Transformer.head_weight()` takes the tied head from `effective_weight()` here."""
+    In a tied model it also carries the head's separate LoRA (`head_lora_a` [r, H], `head_lora_b` [V, r]), because
+    `Transformer.head_weight()` takes the tied head from `effective_weight()` here."""
 
     def __init__(self, base: nn.Embedding, r: int = 0, alpha: float = 1.0, rslora: bool = False):
         super().__init__(base.weight)
@@ -183,15 +178,11 @@ class LoRAEmbedding(_Adapted):
         self.head_scale = lora_scale(alpha, r, rslora)
 
     @property
-    def active(self) -> bool:
-        return self.lora_a is not None and not self.disabled and not self.merged
-
-    @property
     def head_active(self) -> bool:
         return self.head_lora_a is not None and not self.disabled and not self.merged
 
     def _head_lora_active(self) -> bool:
-        return self.head_active  # the embedding's own LoRA never reaches the tied head
+        return self.head_active
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.weight)  # (B, T, H), the base path exactly as nn.Embedding computes it
@@ -232,8 +223,6 @@ class LoRAEmbedding(_Adapted):
 
 
 # -- applying, merging, disabling ------------------------------------------------------------------------------
-
-
 def adapted_modules(model: nn.Module) -> list[tuple[str, _Adapted]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _Adapted)]
 
@@ -310,10 +299,8 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, tar
 
 
 def train_new_token_rows(model: nn.Module, token_ids: Iterable[int]) -> nn.Module:
-    """Make only rows `token_ids` of the embedding (and of an untied head) trainable; a tied head uses the same rows.
-
-    The base matrices are frozen; call after `resize_vocab`. Combines with LoRA on the embedding/head in either order.
-    """
+    """Make only rows `token_ids` of the embedding (and of an untied head; a tied head uses the same rows) trainable,
+    the base matrices frozen. Call after `resize_vocab`; combines with LoRA on the embedding/head in either order."""
     ids = torch.as_tensor(sorted({int(i) for i in token_ids}), dtype=torch.long)
     V = model.model.embed_tokens.weight.shape[0]
     if len(ids) == 0:
@@ -330,9 +317,8 @@ def train_new_token_rows(model: nn.Module, token_ids: Iterable[int]) -> nn.Modul
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (W + scale * B A, rows written in) and put plain `nn.Linear` /
-    `nn.Embedding` modules back, so `checkpoint.save_model` writes an ordinary model. Idempotent.
-
-    A tied model whose embedding or head got LoRA comes out untied: the two matrices now differ (paper §3.5)."""
+    `nn.Embedding` modules back, so `checkpoint.save_model` writes an ordinary model. Idempotent. A tied model whose
+    embedding or head got LoRA comes out untied: the two matrices now differ (paper §3.5)."""
     emb = model.model.embed_tokens
     if isinstance(emb, LoRAEmbedding) and model.lm_head is None and not emb.merged and (
             emb.lora_a is not None or emb.head_lora_a is not None):
@@ -365,8 +351,6 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # -- parameters and state ----------------------------------------------------------------------------------------
-
-
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if n.rpartition(".")[2] in LORA_NAMES]
 
@@ -385,9 +369,8 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     res = model.load_state_dict(sd, strict=False)
     missing = [k for k in res.missing_keys if k.rpartition(".")[2] in LORA_NAMES]
     if res.unexpected_keys or missing:  # only base weights may be absent from a LoRA state dict
-        bad = (res.unexpected_keys or missing)[0]
-        raise UserError(f"LoRA state dict does not match the model: {'unexpected' if res.unexpected_keys else 'missing'}"
-                        f" key {bad!r}")
+        what = "unexpected" if res.unexpected_keys else "missing"
+        raise UserError(f"LoRA state dict does not match the model: {what} key {(res.unexpected_keys or missing)[0]!r}")
 
 
 def new_rows_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,9 +1,8 @@
 """Metrics: the training log (metrics.jsonl + curves), the thinking-format rate of greedy answers, answer quality
 against the grounded reference (token F1, ROUGE-L, key-concept recall), and an LLM judge's rubric and pairwise
-verdicts (any OpenAI-compatible endpoint), parsed robustly.
-
-A response is well formed when it opens with one `<|thinking|>…<|/thinking|>` block (leading whitespace allowed),
-contains no further thinking delimiters, and is followed by a non-empty answer (thinking.py).
+verdicts (any OpenAI-compatible endpoint), parsed robustly. A response is well formed (thinking.py) when it opens with
+one `<|thinking|>…<|/thinking|>` block (leading whitespace allowed), has no further thinking delimiters, and is
+followed by a non-empty answer.
 """
 from __future__ import annotations
 
@@ -36,7 +35,8 @@ METRIC_DOC = {
     "logps/chosen": "mean log-prob of the chosen responses as the loss sees them (its mask, sum or mean)",
     "logps/rejected": "the same for the rejected responses",
     "nll": "token-mean NLL of the chosen responses (thinking + answer)",
-    "logps/accuracies": "fraction of pairs with mean log-prob(chosen) > mean log-prob(rejected) (no reference, no loss)",
+    "logps/accuracies":
+        "fraction of pairs with mean log-prob(chosen) > mean log-prob(rejected) (no reference, no loss)",
     "format_rate": "well-formed `<|thinking|>…<|/thinking|>` + non-empty answer (greedy)",
     "opens_thinking_rate": "responses that open with `<|thinking|>`",
     "token_f1": "token F1 of the answer vs the grounded reference answer",
@@ -49,8 +49,7 @@ METRIC_DOC = {
 }
 
 
-# -----------------------------------------------------------------------------
-# The training log
+# -- The training log --------------------------------------------------------------------------------------------------
 
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl` (floats rounded to 6 digits)."""
@@ -91,8 +90,7 @@ def plot_metrics(records: list[dict], out_png: Path, keys: tuple[str, ...] = (
     plt.close(fig)
 
 
-# -----------------------------------------------------------------------------
-# Thinking format of greedy answers
+# -- Thinking format of greedy answers ---------------------------------------------------------------------------------
 
 def question_prompt_ids(tok, question: str, system: str | None = None) -> list[int]:
     """Chat-formatted prompt ids for a question (the thinking trigger is part of the stored prompt)."""
@@ -145,25 +143,29 @@ def generate_responses(model, tok, prompts: Sequence[str], max_new_tokens: int, 
     return {"rows": rows, "tokens_per_s": n_tokens / dt if dt > 0 else 0.0, "seconds": dt}
 
 
-# -----------------------------------------------------------------------------
-# Answer quality: token F1, ROUGE-L, concept recall (pure functions)
+# -- Answer quality: token F1, ROUGE-L, concept recall (pure functions) ------------------------------------------------
 
 def words(text: str) -> list[str]:
     """Lowercased word tokens (letters and digits), reasoning tags removed: the unit of F1 and ROUGE-L."""
     return _WORD.findall(strip_tags(text).lower())
 
 
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style token F1: harmonic mean of precision and recall of the bag of words (multiset overlap).
-    Two empty texts score 1, one empty text 0."""
+def _overlap_f1(prediction: str, reference: str, overlap) -> float:
+    # F = 2PR/(P+R), P = overlap / |prediction|, R = overlap / |reference|, on `words`
     p, r = words(prediction), words(reference)
     if not p or not r:
         return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
+    n = overlap(p, r)
+    if n == 0:
         return 0.0
-    precision, recall = common / len(p), common / len(r)
+    precision, recall = n / len(p), n / len(r)
     return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1: harmonic mean of precision and recall of the bag of words (multiset overlap).
+    Two empty texts score 1, one empty text 0."""
+    return _overlap_f1(prediction, reference, lambda p, r: sum((Counter(p) & Counter(r)).values()))
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -182,14 +184,7 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 (Lin 2004, §3.1 with beta = 1): P = LCS/|prediction|, R = LCS/|reference|, F = 2PR/(P+R), on
     `words`. Two empty texts score 1, one empty text 0."""
-    p, r = words(prediction), words(reference)
-    if not p or not r:
-        return float(p == r)
-    lcs = lcs_length(p, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    return _overlap_f1(prediction, reference, lcs_length)
 
 
 def reference_answer(record: dict) -> str:
@@ -212,12 +207,9 @@ def concept_recall(text: str, concepts: Sequence[Sequence[str]]) -> float | None
     if not concepts:
         return None
     hay = f" {_phrase(text)} "
-    hit = 0
-    for names in concepts:
-        phrases = [p for p in (_phrase(n) for n in names) if len(p) >= 3]
-        if any(f" {p} " in hay or f" {p}s " in hay for p in phrases):
-            hit += 1
-    return hit / len(concepts)
+    hits = sum(any(f" {p} " in hay or f" {p}s " in hay for p in map(_phrase, names) if len(p) >= 3)
+               for names in concepts)
+    return hits / len(concepts)
 
 
 def key_concepts(graph, record: dict, max_parents: int = 3) -> list[list[str]]:
@@ -278,8 +270,7 @@ def corpus_graph(corpus: str = "ontology"):
     return _GRAPHS[corpus]
 
 
-# -----------------------------------------------------------------------------
-# LLM judge (any OpenAI-compatible endpoint)
+# -- LLM judge (any OpenAI-compatible endpoint) ------------------------------------------------------------------------
 
 SYSTEM_JUDGE = "You are a strict and fair examiner of scientific answers. You follow the output format exactly."
 RUBRIC_PROMPT = (

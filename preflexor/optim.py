@@ -35,7 +35,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devi
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear warmup, then constant or
+    cosine."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":

@@ -36,10 +36,8 @@ def _lora_targets(model: nn.Module) -> dict[str, tuple]:
 
 def save_adapter(model: nn.Module, dir: str | Path, base_model_name_or_path: str = "") -> None:
     """Write `adapter_config.json` + `adapter_model.safetensors` that `peft.PeftModel.from_pretrained` loads (atomic).
-
     New-token rows go into the saved embedding/head when those are LoRA-targeted, else into PEFT's trainable tokens."""
     from safetensors.torch import save_file
-
     targets = _lora_targets(model)
     if not targets:
         raise UserError("save_adapter: the model has no LoRA adapters (see new_rows_state_dict for rows alone)")
@@ -79,7 +77,6 @@ def save_adapter(model: nn.Module, dir: str | Path, base_model_name_or_path: str
 
 def _read_adapter(dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
-
     cfg_path, weights = dir / CONFIG_FILE, dir / WEIGHTS_FILE
     for p in (cfg_path, weights):
         if not p.is_file():
@@ -168,12 +165,11 @@ def _expected_slots(model: nn.Module, targets: list[str]) -> set[tuple[str, str]
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, dir: str | Path) -> nn.Module:
-    """Load a PEFT LoRA adapter (ours or one trained with `peft`) into a `Transformer`.
-
-    A model without LoRA gets it applied from the adapter's config; a model that already has LoRA must match the
-    adapter's targets and rank (its scale is set to the adapter's). Every check runs before the model is changed
-    (except untying a tied model whose adapter carries a different head matrix, which preserves its function);
-    a mismatch is a one-line UserError naming the file and the key or shape."""
+    """Load a PEFT LoRA adapter (ours or one trained with `peft`) into a `Transformer`. A model without LoRA gets it
+    applied from the adapter's config; one with LoRA must match the adapter's targets and rank (its scale is set to
+    the adapter's). Every check runs before the model is changed (except untying a tied model whose adapter carries
+    a different head matrix, which preserves its function); a mismatch is a one-line UserError naming the file and
+    the key or shape."""
     dir = Path(dir)
     cfg, tensors = _read_adapter(dir)
     where = dir / WEIGHTS_FILE

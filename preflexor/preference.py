@@ -23,13 +23,12 @@ from preflexor.runtime import Runtime
 def response_token_logps(model, batch: dict, rt: Runtime) -> torch.Tensor:
     """Log-prob of every response token of a collated batch ([2B, T] from `data.collate_pairs`, 0.0 elsewhere).
 
-    With the fast paths installed, the pair's shared prompt runs once, in one packed forward with both halves'
-    answers (`fast.shared_prompt`); otherwise, or where the prompts' lengths differ so much that packing costs more
-    positions, two forwards run, one per half, each cut to its own longest row. Either way a short rejected answer (stage 1: the model's direct answer) is not
-    padded to the length of a long chosen one with its thinking block. Rows are right padded and attention is causal,
-    so the cut changes no real token's hidden state. The head then runs only on rows that predict a response token
-    (`targets != -100`), through the chunked `token_logps` (never the full [tokens, vocab] logits); a head that trains
-    only new-token rows (stage 1) goes in as a constant matrix plus those rows, so no [V, H] gradient is formed."""
+    With the fast paths installed, the pair's shared prompt runs once, packed with both halves' answers
+    (`fast.shared_prompt`); otherwise, or where packing costs more positions, one forward runs per half, cut to its
+    longest row, so a short rejected answer is not padded to a long chosen one (rows are right padded and attention is
+    causal: the cut changes no real token). The head runs only on rows that predict a response token, through the
+    chunked `token_logps` (never the full logits); a head that trains only new-token rows (stage 1) goes in as a
+    constant matrix plus those rows, so no [V, H] gradient is formed."""
     ids, targets = batch["input_ids"].to(rt.device), batch["targets"].to(rt.device)
     lengths = batch["attention_mask"].sum(dim=1)  # (2B,)
     B2, T = ids.shape

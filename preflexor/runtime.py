@@ -55,7 +55,8 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def resolve_device(device: str = "auto", dtype: str = "auto", key: str = "train.device") -> tuple[torch.device, torch.dtype, str]:
+def resolve_device(device: str = "auto", dtype: str = "auto",
+                   key: str = "train.device") -> tuple[torch.device, torch.dtype, str]:
     """(device, base-weight dtype, why) for config values "auto"/"cpu"/"cuda" and "auto"/"float32"/"bfloat16"/
     "float16": auto = CUDA with bf16 when available, else the CPU with fp32. PREFLEXOR_DEVICE overrides `device`."""
     device = os.environ.get("PREFLEXOR_DEVICE", device)

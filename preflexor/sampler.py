@@ -1,21 +1,17 @@
 """Batched generation with a preallocated KV cache: one prefill, then one token per step (gpt-fast / nanochat style).
 
-Ragged prompts are left-padded to the longest one. Each row's RoPE positions start at 0 at its first real token and
-the attention mask hides its pad slots, so a prompt gives the same tokens alone or inside any batch. `num_samples`
-samples per prompt share one prefill: the B prompt rows of the cache are copied (`repeat_interleave`) to B*N rows.
-Rows that emit a stop id finish while the others go on; finished rows are dropped from the batch (their cache rows
-too), so a long tail does not pay for the short answers. A prefilled assistant prefix (e.g. an injected thinking
-block) is just more prompt.
+Ragged prompts are left-padded; each row's RoPE positions start at 0 at its first real token and the mask hides its
+pad slots, so a prompt gives the same tokens alone or in any batch. `num_samples` samples per prompt share one
+prefill (the B cache rows are copied to B*N). Rows that emit a stop id finish and are dropped from the batch and the
+cache, so a long tail does not pay for the short answers. An assistant prefix (an injected thinking block) is just
+more prompt.
 
-Randomness is per row, so a row's draws do not depend on what else is in the batch: sample j of a prompt whose seed
-is s draws from its own `torch.Generator` seeded `s + j`. Hence `num_samples=4, seed=s` gives the same four samples
-as four runs with `num_samples=1` and seeds s, s+1, s+2, s+3, and a prompt's samples are the same alone or batched.
-Each row draws exactly one uniform per step while it is alive and takes the token where it falls in the filtered
-distribution's cumulative sum (an inverse-CDF draw; with top-k it runs over the k candidates only, so a step needs no
-vocabulary-sized sort or noise).
-
-On a float32 CPU model with the fast paths installed (`fast.install`) the decode steps run through `cpu_infer`
-(weights repacked for the CPU's matmuls, the same tokens; `fast=False` keeps the model's own forward).
+Randomness is per row: sample j of a prompt with seed s draws from its own `torch.Generator` seeded `s + j`, so
+`num_samples=4, seed=s` gives the same samples as four runs with `num_samples=1` and seeds s..s+3, alone or batched.
+Each live row draws one uniform per step and takes the token where it falls in the filtered distribution's
+cumulative sum (inverse CDF; with top-k over the k candidates only, so no vocabulary-sized sort or noise). On a
+float32 CPU model with the fast paths installed (`fast.install`) decoding runs through `cpu_infer` (repacked
+weights, the same tokens; `fast=False` keeps the model's own forward).
 """
 from __future__ import annotations
 
@@ -67,20 +63,16 @@ def apply_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (R, V)
     drop_sorted = cum <= (1 - p)
     drop_sorted[..., -1:] = False  # the most likely token always stays
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-    """logits (R, V) -> token ids (R,). Temperature 0 is argmax; otherwise logits / T, then top-k, then top-p (the
-    order transformers applies them), then one inverse-CDF draw per row with one uniform from that row's generator.
-
-    With top-k, the filters and the draw run on the k candidates from `torch.topk` (sorted, so no full-vocabulary
-    sort or softmax). If some row's k-th value is tied, every tied token must stay (as in `apply_top_k`), so the
-    candidates come from a full sort instead; the order is the same (descending), so the other rows draw the same
-    tokens either way (up to float rounding).
-    """
+    """logits (R, V) -> token ids (R,). Temperature 0 is argmax; otherwise logits / T, top-k, top-p (transformers'
+    order), then one inverse-CDF draw per row from that row's generator. With top-k everything runs on the k sorted
+    candidates of `torch.topk`; if some row's k-th value is tied, all tied tokens stay (as in `apply_top_k`) and the
+    candidates come from a full sort instead, in the same descending order, so other rows draw the same tokens
+    (up to float rounding)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -119,10 +111,8 @@ def _head(model, hidden: torch.Tensor, head: tuple | Callable | None = None) -> 
 def prefill(model, tokens: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
             head: tuple | Callable | None = None) -> torch.Tensor:
     """Run the (B, L) left-padded prompts through the model, filling cache slots 0..L-1, and return the float32
-    logits (B, V) of the last position only (the head is applied to one position, not L). `head`: `head_params`,
-    or `cpu_infer.Packed.logits`."""
-    L = tokens.size(1)
-    input_pos = torch.arange(L, device=tokens.device)
+    logits (B, V) of the last position only. `head`: `head_params`, or `cpu_infer.Packed.logits`."""
+    input_pos = torch.arange(tokens.size(1), device=tokens.device)  # (L,)
     hidden = model(tokens, input_pos=input_pos, position_ids=position_ids, attn_mask=attn_mask, return_hidden=True)
     return _head(model, hidden[:, -1], head)  # (B, V)
 
@@ -152,10 +142,7 @@ def _make_generators(seeds: list[int | None], num_samples: int, device) -> list[
     gens = []
     for s in seeds:
         base = s if s is not None else random.SystemRandom().randrange(2**62)
-        for j in range(num_samples):
-            g = torch.Generator(device=device)
-            g.manual_seed(base + j)
-            gens.append(g)
+        gens += [torch.Generator(device=device).manual_seed(base + j) for j in range(num_samples)]
     return gens
 
 
@@ -176,9 +163,7 @@ def model_lock(model) -> threading.Lock:
     """The lock `generate_ex` holds while it uses `model`: the KV cache lives on the model, so two generations on
     one model (from several threads) must run one after the other."""
     with _locks_guard:
-        if model not in _model_locks:
-            _model_locks[model] = threading.Lock()
-        return _model_locks[model]
+        return _model_locks.setdefault(model, threading.Lock())
 
 
 def _decode_step_fn(compile: bool, device: torch.device):
@@ -239,10 +224,10 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
         pad_id: id fed in pad slots (never attended to).
         on_token: called as on_token(row, token) for every kept new token, row = prompt * num_samples + sample;
             returning True ends that row with reason "stop" (used for stop strings and streaming).
-        compile: torch.compile the decode step (CUDA only; compiled once per batch size and cache length, so it pays
-            off for repeated calls of one shape). Finished rows then stay in the batch, keeping its shape fixed.
-        fast: decode with `cpu_infer`'s repacked weights and lean step (same tokens; logits equal up to float rounding).
-            None (default) = on for float32 CPU models with the fast paths installed; False = the plain model.
+        compile: torch.compile the decode step (CUDA only; compiled once per batch size and cache length). Finished
+            rows then stay in the batch, keeping its shape fixed.
+        fast: decode with `cpu_infer`'s repacked weights (same tokens; logits equal up to float rounding). None
+            (default) = on for float32 CPU models with the fast paths installed; False = the plain model.
     """
     B, N = len(prompts), num_samples
     if N < 1:

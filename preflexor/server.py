@@ -1,20 +1,14 @@
 """An OpenAI-compatible chat-completions server for a preflexor model, on the standard library only.
 
-`POST /v1/chat/completions` (messages, temperature, top_p, top_k, max_tokens / max_completion_tokens, n, stop, seed,
-stream with server-sent events, stream_options.include_usage; vLLM's `continue_final_message` and
-`add_generation_prompt` to continue a pre-filled assistant turn; `recursive: N` for the recursive reasoner when the
-server was built with one), `GET /v1/models`, `GET /health`.
-
-One worker thread owns the model; HTTP threads only parse, validate and wait. Requests that arrive while the worker is
-busy are batched into one `generate_ex` call when their sampling settings agree (greedy requests always do); each
-request keeps its own prompt rows, seed, token limit and stop strings, so batching changes no answer. Stop strings
-are checked as tokens arrive and end that choice early; the text is cut before the stop string. Message contents are
-encoded with the reasoning tokens (`<|thinking|>`, ...) as their single ids, and the reply keeps them as text (they
-are the model's output format) while template control tokens are dropped.
-
-Bad requests (malformed JSON, missing or wrong-typed fields, a prompt over `max_prompt_tokens`, a body over
-`MAX_BODY_BYTES`) get HTTP 400 with an OpenAI-style `{"error": {"message", "type", "param", "code"}}`; the server
-keeps serving. It binds 127.0.0.1 unless told otherwise.
+`POST /v1/chat/completions` (temperature, top_p, top_k, max_tokens / max_completion_tokens, n, stop, seed, stream
+with stream_options.include_usage, vLLM's `continue_final_message` and `add_generation_prompt`, and `recursive: N`
+when built with a recursive reasoner), `GET /v1/models`, `GET /health`. One worker thread owns the model and
+batches queued requests whose sampling settings agree (greedy ones always do) into one `generate_ex` call; each
+keeps its own prompt, seed, token limit and stop strings, so batching changes no answer. Stop strings end a choice
+as tokens arrive, the text cut before them. Reasoning tokens (`<|thinking|>`, ...) are encoded as single ids and
+kept in the reply as text; template control tokens are dropped. Bad requests (malformed JSON, wrong fields, a prompt
+over `max_prompt_tokens`, a body over `MAX_BODY_BYTES`) get HTTP 400 with an OpenAI-style
+`{"error": {"message", "type", "param", "code"}}` and the server keeps serving. It binds 127.0.0.1 by default.
 """
 from __future__ import annotations
 
@@ -321,8 +315,7 @@ class Engine:
         out = {"content": out} if isinstance(out, str) else dict(out)
         text = out["content"]
         for s in r.stop:
-            if s in text:
-                text = text[:text.index(s)]
+            text = text.split(s, 1)[0]
         if r.stream and text:
             job.events.put(("delta", 0, text))
         usage = {"prompt_tokens": int(out.get("prompt_tokens", len(r.prompt_ids))),
@@ -510,11 +503,10 @@ def build_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, mo
                  max_prompt_tokens: int | None = None, max_tokens_limit: int = 1024,
                  recursive_fn: RecursiveFn | None = None, verbose: bool = False) -> ChatServer:
     """Bind the server (port 0 picks a free one: see `server.server_address`) and start its model worker; call
-    `serve_forever()` to answer requests and `server_close()` to stop.
-
-    `recursive_fn(messages, rounds, temperature=..., max_tokens=...)` answers requests with `recursive: N`; it returns
-    the answer text, or a dict with "content" and optionally "prompt_tokens", "completion_tokens", "finish_reason"
-    and a JSON-able "trace" (returned as `preflexor_trace`)."""
+    `serve_forever()` to answer requests and `server_close()` to stop. `recursive_fn(messages, rounds,
+    temperature=..., max_tokens=...)` answers requests with `recursive: N`; it returns the answer text, or a dict
+    with "content" and optionally "prompt_tokens", "completion_tokens", "finish_reason" and a JSON-able "trace"
+    (returned as `preflexor_trace`)."""
     context = model.config.max_position_embeddings
     max_prompt_tokens = min(max_prompt_tokens or context - 1, context - 1)
     engine = Engine(model, tokenizer, recursive_fn)
@@ -541,6 +533,7 @@ def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_nam
         server.server_close()
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     from preflexor.checkpoint import DEFAULT_MODEL, load_model_and_tokenizer
 
@@ -553,14 +546,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: context)")
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = ap.parse_args(argv)
-
-    @exit_on_user_error
-    def run():
-        model, tok = load_model_and_tokenizer(args.model)
-        serve(model, tok, args.host, args.port, args.model_name or args.model, args.max_prompt_tokens,
-              args.max_tokens_limit, verbose=args.verbose)
-
-    run()
+    model, tok = load_model_and_tokenizer(args.model)
+    serve(model, tok, args.host, args.port, args.model_name or args.model, args.max_prompt_tokens,
+          args.max_tokens_limit, verbose=args.verbose)
 
 
 if __name__ == "__main__":

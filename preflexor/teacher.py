@@ -1,19 +1,14 @@
 """Teachers write the questions, thinking sections and answers of the preference pairs (preflexor.md §2.2, §2.4).
 
-Every teacher offers the same data methods, so datagen.py is teacher-agnostic:
-`question_for(chunks)`, `thinking_sections(question, context, concepts)`, `knowledge_graph(question, context,
-triples)`, `answer(question, context, thinking)`, `incorrect_answer(question)`.
-
-- `HTTPTeacher`: any OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, llama.cpp server, Ollama, mistral.rs,
-  OpenAI, our own server.py) through `client.ChatClient`.
-- `LocalTeacher`: our sampler on any checkpoint, chat-formatted.
-- `GroundedTeacher`: no LLM at all. It writes everything from the ontology corpus and the knowledge graph with
-  templates, deterministically for a seed, so its answers can be checked against the ontology.
-
-The LLM teachers send our own prompts with the reference's structure: one question prompt over a context, one
-prompt per thinking category, an extra "Additional Background" prompt, a knowledge-graph prompt in the
-Graph-PRefLexOR style (arXiv 2501.08120, §4.1: `[A] -[RELATION]-> [B]` lines), an answer prompt, and an
-"incorrect answer" prompt for the teacher-side rejected source.
+Every teacher offers the data methods datagen.py calls, so datagen is teacher-agnostic: `question_for(chunks)`,
+`thinking_sections(question, context, concepts)`, `knowledge_graph(question, context, triples)`, `answer(question,
+context, thinking)`, `incorrect_answer(question)`. `HTTPTeacher` talks to any OpenAI-compatible endpoint (vLLM,
+llama.cpp, Ollama, mistral.rs, OpenAI, our server.py) through `client.ChatClient`; `LocalTeacher` runs our sampler on a
+checkpoint; `GroundedTeacher` uses no LLM and writes everything from the ontology corpus and the knowledge graph with
+seeded templates, so its answers can be checked against the ontology. The LLM teachers' prompts are our wording with the
+reference's structure: a question prompt over a context, one prompt per thinking category plus "Additional Background",
+a knowledge-graph prompt in the Graph-PRefLexOR style (arXiv 2501.08120, §4.1: `[A] -[RELATION]-> [B]` lines), an answer
+prompt, and an "incorrect answer" prompt for the teacher-side rejected source.
 """
 from __future__ import annotations
 
@@ -36,8 +31,7 @@ KNOWLEDGE_GRAPH = "Knowledge Graph"  # Graph-PRefLexOR adds it, placed first
 SECTIONS = [KNOWLEDGE_GRAPH, *CATEGORIES, BACKGROUND]
 LLM_RELATIONS = ["IS-A", "RELATES-TO", "INFLUENCES"]  # the relation vocabulary Graph-PRefLexOR asks for
 
-# -----------------------------------------------------------------------------
-# Prompts (our wording, the reference's structure and intent)
+# -- Prompts (our wording, the reference's structure and intent) -------------------------------------------------------
 
 SYSTEM_EXAMINER = "You are an experienced materials scientist who writes rigorous examination questions."
 SYSTEM_ANALYST = "You are a careful professor who gives well-reasoned, concise explanations."
@@ -76,8 +70,7 @@ def format_context(chunks: Sequence) -> str:
     return "\n\n".join(c.text for c in chunks)
 
 
-# -----------------------------------------------------------------------------
-# LLM-backed teachers
+# -- LLM-backed teachers -----------------------------------------------------------------------------------------------
 
 class ChatTeacher:
     """Base of the LLM teachers: `complete` is the backend; the data methods are prompts on top of it."""
@@ -130,8 +123,7 @@ class ChatTeacher:
 
 
 class HTTPTeacher(ChatTeacher):
-    """The teacher behind any OpenAI-compatible endpoint (`client.ChatClient`: retries, backoff, bounded concurrency);
-    `complete_many` sends its requests together, at most `max_concurrency` at once."""
+    """Any OpenAI-compatible endpoint, through `client.ChatClient`; `complete_many` sends `max_concurrency` at once."""
 
     name = "http"
 
@@ -190,8 +182,7 @@ def stable_rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-# -----------------------------------------------------------------------------
-# The grounded teacher: no LLM, everything from the corpus and the ontology
+# -- The grounded teacher: no LLM, everything from the corpus and the ontology -----------------------------------------
 
 _CITATION = re.compile(r"\s*\[(?:Automatically generated definition|[A-Za-z]{1,12}(?:[:,][^\[\]]{0,20})?|\d+)\]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
@@ -238,15 +229,12 @@ def _join(items: Sequence[str], word: str = "and") -> str:
 
 
 class GroundedTeacher:
-    """Writes questions, thinking sections and answers from the corpus and the ontology with no LLM.
-
-    Questions ask what a term is and how it relates to one of its ontology parents; answers state the term's own
-    definition (verbatim, citations stripped), its direct parents and grandparents and the sibling concepts that
-    share a parent, so every answer can be checked against the ontology. The thinking sections fill the reference's
-    six categories from the definition, the hierarchy and the retrieved context, with several phrasings per
-    sentence chosen by a seeded RNG. The "incorrect answer" describes the term with a sibling's (or another term's)
-    definition and parents: fluent, on topic, and wrong. Deterministic for a seed: each call draws from an RNG seeded
-    by (seed, method, input text), independent of call order.
+    """The no-LLM teacher. Questions ask what a term is and how it relates to an ontology parent; answers state its
+    definition (verbatim, citations stripped), parents, grandparents and siblings, so every answer can be checked
+    against the ontology; the thinking sections fill the reference's six categories from the definition, hierarchy
+    and retrieved context. The incorrect answer describes the term with a sibling's (or another term's) definition
+    and parents: fluent, on topic, wrong. Each call draws from an RNG seeded by (seed, method, input text), so the
+    output is deterministic for a seed and independent of call order.
     """
 
     name = "grounded"
@@ -275,11 +263,10 @@ class GroundedTeacher:
                             first_chunk.get(d.doc_id, f"{d.doc_id}#0"))
             if term.definition:
                 self.terms[term.key] = term
+        self.children: dict[str, list[str]] = {}
         for t in self.terms.values():  # keep only links inside the corpus
             t.parents = [p for p in t.parents if p in self.terms]
             t.ancestors = [a for a in t.ancestors if a in self.terms]
-        self.children: dict[str, list[str]] = {}
-        for t in self.terms.values():
             for p in t.parents:
                 self.children.setdefault(p, []).append(t.key)
         self._by_label = {t.label.lower(): t.key for t in self.terms.values()}
@@ -289,10 +276,6 @@ class GroundedTeacher:
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _rng(self, *parts) -> random.Random:
         return stable_rng(self.seed, *parts)
-
-    def _term_of_chunk(self, chunk) -> Term | None:
-        key = (chunk.meta or {}).get("term_id") or chunk.doc_id
-        return self.terms.get(key)
 
     def siblings(self, key: str) -> list[str]:
         """Terms sharing a direct parent with `key` (sorted by key, without `key` itself)."""
@@ -334,7 +317,7 @@ class GroundedTeacher:
     # -- data methods ------------------------------------------------------------------------------------------------
     def question_for(self, chunks: Sequence) -> str:
         rng = self._rng("question", *[c.chunk_id for c in chunks])
-        terms = [t for t in (self._term_of_chunk(c) for c in chunks) if t is not None]
+        terms = [t for t in (self.terms.get((c.meta or {}).get("term_id") or c.doc_id) for c in chunks) if t]
         if not terms:
             raise UserError(f"grounded teacher: chunks {[c.chunk_id for c in chunks]} belong to no known document")
         with_parent = [t for t in terms if t.parents]
@@ -494,9 +477,8 @@ class GroundedTeacher:
         rng = self._rng("incorrect", question)
         others = [s for s in self.siblings(term.key) if self.terms[s].definition != term.definition]
         if not others:
-            others = [k for k, t in self.terms.items() if k != term.key and t.ontology == term.ontology
-                      and t.definition != term.definition] or [k for k in self.terms if k != term.key]
-            others = sorted(others)
+            others = sorted([k for k, t in self.terms.items() if k != term.key and t.ontology == term.ontology
+                             and t.definition != term.definition] or [k for k in self.terms if k != term.key])
         return rng.choice(others)
 
     def incorrect_answer(self, question: str) -> str:

@@ -36,8 +36,7 @@ def thinking_prefix(thinking: str) -> str:
     return f"{THINK_START}\n{thinking}\n{THINK_END}"
 
 
-# -----------------------------------------------------------------------------
-# The strict format check
+# -- The strict format check -------------------------------------------------------------------------------------------
 
 def split_thinking(text: str) -> dict:
     """`{"thinking", "answer", "well_formed", "issue"}` for one response; never raises on missing or unclosed tags."""
@@ -81,15 +80,12 @@ class FormatWatch:
         return bad
 
 
-# -----------------------------------------------------------------------------
-# The lenient extraction (never raises; every fallback is reported)
+# -- The lenient extraction (never raises; every fallback is reported) -------------------------------------------------
 
 def extract_block(text: str, start: str, end: str) -> tuple[str | None, str | None]:
-    """Content of the first `start…end` block of `text` (stripped) and an issue string or None.
-
-    Fallbacks, each reported: `start` without `end` → everything after `start` ("unclosed"); `end` without `start`
-    → everything before `end`; neither → None; several blocks → the first; an empty block → "".
-    """
+    """Content of the first `start…end` block of `text` (stripped) and an issue string or None. Fallbacks, each
+    reported: `start` without `end` → everything after `start` ("unclosed"); `end` without `start` → everything
+    before `end`; neither → None; several blocks → the first; an empty block → ""."""
     i = text.find(start)
     if i < 0:
         j = text.find(end)
@@ -101,14 +97,11 @@ def extract_block(text: str, start: str, end: str) -> tuple[str | None, str | No
     if j < 0:
         return text[body_at:].strip(), f"unclosed {start}"
     content = text[body_at:j].strip()
-    issue = None
     if start in content:  # "<t> a <t> b </t>": the first block never closed before the second opened
-        issue = f"{start} opened twice before {end}"
-    elif text.count(start) > 1:
-        issue = f"{text.count(start)} {start} blocks; used the first"
-    if not content and issue is None:
-        issue = f"empty {start} block"
-    return content, issue
+        return content, f"{start} opened twice before {end}"
+    if text.count(start) > 1:
+        return content, f"{text.count(start)} {start} blocks; used the first"
+    return content, None if content else f"empty {start} block"
 
 
 def answer_after(text: str, last_tag: str | Sequence[str]) -> tuple[str | None, str | None]:

@@ -1,21 +1,18 @@
 """Tokenizer: a thin wrapper over `tokenizers` with chat formatting and PRefLexOR's reasoning tokens.
 
-Two rules keep training data honest:
-- Text is always encoded with special tokens *not* recognised (`encode_special_tokens = True` in `tokenizers`, the
-  same switch as transformers' `split_special_tokens=True`), so a user writing "<|im_start|>" or "<|thinking|>"
-  gets ordinary text tokens, never a control id. Control tokens enter only through the chat format (`encode_chat`)
-  or, for the reasoning tokens, through `encode(..., allow_special=True)`.
-- The reasoning tokens of PRefLexOR (Buehler 2024, Sec. 2: `<|thinking|>`...`<|/thinking|>`, `<|reflect|>`...
-  `<|/reflect|>`; plus scratchpad/response) are single special ids. A Llama-3 vocabulary has 248 unused
-  `<|reserved_special_token_k|>` slots, which are renamed in place (no new embedding rows); other vocabularies
-  grow by 8 and the model is resized by `checkpoint.load_model_and_tokenizer`.
+Text is always encoded with special tokens *not* recognised (`encode_special_tokens = True`, transformers'
+`split_special_tokens=True`), so a user writing "<|im_start|>" or "<|thinking|>" gets text tokens, never a control
+id; control tokens enter only through the chat format (`encode_chat`) or, for the reasoning tokens, through
+`encode(..., allow_special=True)`. The reasoning tokens (Buehler 2024, Sec. 2: `<|thinking|>`...`<|/thinking|>`,
+`<|reflect|>`...`<|/reflect|>`, plus scratchpad/response) are single special ids: a Llama-3 vocabulary's 248 unused
+`<|reserved_special_token_k|>` slots are renamed in place (no new embedding rows); other vocabularies grow by 8 and
+`checkpoint.load_model_and_tokenizer` resizes the model.
 
-Chat formats: ChatML (SmolLM2, Qwen2) and Llama-3 headers, chosen from the chat template or, without one, from the
-vocabulary. ChatML inserts the template's default system message when the conversation has none (SmolLM2: "You are
-a helpful AI assistant named SmolLM, trained by Hugging Face"). The Llama-3 format is the plain header format of
-Llama-3-Instruct (content stripped, BOS first); Llama-3.1/3.2 templates add a dated system block ("Cutting Knowledge
-Date ... Today Date ...") that this class does not reproduce, because a date that changes daily has no place in
-training data.
+Chat formats: ChatML (SmolLM2, Qwen2) or Llama-3 headers, from the chat template or else the vocabulary. ChatML adds
+the template's default system message when a conversation has none (SmolLM2: "You are a helpful AI assistant named
+SmolLM, trained by Hugging Face"). Llama-3 is Llama-3-Instruct's plain header format (content stripped, BOS first),
+without the Llama-3.1/3.2 dated system block ("Cutting Knowledge Date ... Today Date ..."): a date that changes
+daily has no place in training data.
 """
 from __future__ import annotations
 
@@ -103,18 +100,10 @@ class Tokenizer:
         self._reasoning_re = re.compile("(" + "|".join(map(re.escape, present)) + ")") if present else None
 
     def _detect_format(self) -> str | None:
-        t = self.chat_template or ""
-        if "<|im_start|>" in t:
-            return "chatml"
-        if "<|start_header_id|>" in t:
-            return "llama3"
-        if t:
-            return None
-        if self._tk.token_to_id("<|im_start|>") is not None:
-            return "chatml"
-        if self._tk.token_to_id("<|start_header_id|>") is not None:
-            return "llama3"
-        return None
+        markers = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>"}
+        if self.chat_template:  # a template decides alone; the vocabulary only when there is none
+            return next((f for f, m in markers.items() if m in self.chat_template), None)
+        return next((f for f, m in markers.items() if self._tk.token_to_id(m) is not None), None)
 
     # -- ids -----------------------------------------------------------------------------------------------------
     @property
@@ -144,11 +133,8 @@ class Tokenizer:
     @property
     def eot_id(self) -> int:
         """End-of-turn token that closes every assistant response."""
-        if self.chat_format == "chatml":
-            return self.token_id("<|im_end|>")
-        if self.chat_format == "llama3":
-            return self.token_id("<|eot_id|>")
-        return self.eos_id
+        end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.chat_format)
+        return self.token_id(end) if end else self.eos_id
 
     @property
     def eos_id(self) -> int:
@@ -257,11 +243,8 @@ class Tokenizer:
 
     # -- reasoning tokens --------------------------------------------------------------------------------------------
     def add_reasoning_tokens(self) -> int:
-        """Register the 8 reasoning tokens as single special ids and return the vocab size the model needs.
-
-        Reuses `<|reserved_special_token_k|>` slots (lowest k first) when the vocabulary has them, renaming them so
-        decode gives the new string; appends the rest. Idempotent.
-        """
+        """Register the 8 reasoning tokens as single special ids, renaming `<|reserved_special_token_k|>` slots (lowest
+        k first) so decode gives the new string and appending the rest; returns the vocab size needed. Idempotent."""
         missing = [t for t in REASONING_TOKENS if self._tk.token_to_id(t) is None]
         if not missing:
             return self.vocab_size

@@ -45,10 +45,8 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> N
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory beside `path`; on success it replaces `path` (old contents removed), on error it is deleted.
-
-    A reader never sees a half-written directory: either the old one or the complete new one.
-    """
+    """Yield a temp directory beside `path` that replaces `path` on success and is deleted on error, so a reader
+    sees either the old directory or the complete new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
