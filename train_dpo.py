@@ -31,7 +31,7 @@ from preflexor.metrics import MetricsLog, format_rate, plot_metrics
 from preflexor.optim import build_optimizer, lr_factor, set_lr
 from preflexor.peft_io import save_adapter
 from preflexor.preference import evaluate_pairs, precompute_ref, preference_loss
-from preflexor.resume import resume_point, save_checkpoint
+from preflexor.resume import resume_point, rng_states, save_checkpoint
 from preflexor.runtime import all_reduce_grads, all_reduce_mean, seed_everything, setup_runtime
 from preflexor.utils import atomic_write_json, git_hash
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(tc.out_dir)
 
     # --- runtime ----------------------------------------------------------------------------------------------
-    rt = setup_runtime(tc.device, cfg.model.dtype)
+    rt = setup_runtime(tc.device, cfg.model.dtype, timeout_s=tc.dist_timeout_s)
     seed_everything(tc.seed)
     if rt.main:
         atomic_write_json(out_dir / "config.json", {**to_dict(cfg), "git": git_hash(), "stage": 2})
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay, rt.device, cfg.lora.new_rows_lr)
     total = tc.iterations * tc.steps_per_iteration
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=rt.main)
-    state, resumed = resume_point(out_dir / "checkpoints", tc.resume, model, optimizer, verbose=rt.main)
+    state, resumed = resume_point(out_dir / "checkpoints", tc.resume, model, optimizer, rt)
     if resumed is None and rt.main and metrics.path.exists():
         metrics.path.unlink()  # a fresh run starts a fresh log
 
@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
                 last_eval = run_eval(step)
             if end_of_iteration:
                 state.update(iteration=it + 1, step_in_iteration=0, position=0)
-            if rt.main and ((tc.save_every and step % tc.save_every == 0) or end_of_iteration):
-                save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, tc.keep_last)
+            if (tc.save_every and step % tc.save_every == 0) or end_of_iteration:
+                rng = rng_states(rt)  # every rank's, so that each resumes its own
+                if rt.main:
+                    save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, tc.keep_last, rng)
             if rt.world > 1:
                 dist.barrier()
             if end_of_iteration:

@@ -93,6 +93,7 @@ class TrainConfig:
     out_dir: str = "runs/stage1"
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
+    dist_timeout_s: float = 1800.0  # torchrun: how long a collective may wait (rank 0 alone may be saving)
     lr: float = 5e-5
     schedule: str = "constant"  # constant | cosine (warmup + cosine)
     warmup_steps: int = 0

@@ -28,6 +28,13 @@ TARGETS = PROJECTIONS + ("embed_tokens", "lm_head")
 LORA_NAMES = ("lora_a", "lora_b", "head_lora_a", "head_lora_b")  # adapter parameter names, besides `new_rows`
 
 
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Trainable tensors over a bf16/fp16 base are float32 (PEFT's default too): AdamW's updates below half a bf16
+    ulp would round away (at stage 2's lr 5e-7 LoRA A would never move); the GEMMs still run in the activations'
+    dtype (bf16 under autocast)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
     """alpha/r (LoRA), or alpha/sqrt(r) (rsLoRA, which keeps the update size stable as r grows)."""
     return alpha / math.sqrt(r) if rslora else alpha / r
@@ -52,13 +59,16 @@ class _Adapted(nn.Module):
         their current values; the other rows stay frozen and bit-identical."""
         if self.merged:
             raise RuntimeError("cannot add trainable rows to a merged module")
-        current = self.rows_weight()
         device = self.weight.device
         old = self.row_ids if self.row_ids is not None else torch.empty(0, dtype=torch.long, device=device)
         ids = torch.unique(torch.cat([old, ids.to(device)]))  # sorted, deduplicated
+        values = self.weight[ids].to(adapter_dtype(self.weight.dtype))
+        if self.new_rows is not None:  # rows trained already keep their (float32) values
+            at = self.row_index[ids]
+            values[at >= 0] = self.new_rows[at[at >= 0]].to(values.dtype)
         index = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=device)
         index[ids] = torch.arange(len(ids), device=device)
-        self.new_rows = nn.Parameter(current[ids].clone())
+        self.new_rows = nn.Parameter(values)
         self.row_ids, self.row_index = ids, index
 
     def rows_weight(self) -> torch.Tensor:
@@ -88,9 +98,10 @@ class _Adapted(nn.Module):
 
 def _lora_pair(r: int, fan_in: int, fan_out: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
     """A [r, in] Kaiming-uniform(a=sqrt(5)) (nn.Linear's init, as in LoRA and PEFT) and B [out, r] zero."""
-    a = torch.empty(r, fan_in, device=like.device, dtype=like.dtype)
+    dtype = adapter_dtype(like.dtype)
+    a = torch.empty(r, fan_in, device=like.device, dtype=dtype)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    return nn.Parameter(a), nn.Parameter(torch.zeros(fan_out, r, device=like.device, dtype=like.dtype))
+    return nn.Parameter(a), nn.Parameter(torch.zeros(fan_out, r, device=like.device, dtype=dtype))
 
 
 def _merged(w: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor | None, scale: float, transpose=False):
@@ -124,15 +135,16 @@ class LoRALinear(_Adapted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.rows_weight(), self.bias)
-        if self.active:  # dropout on the LoRA branch input only
-            y = y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        if self.active:  # dropout on the LoRA branch input only; float32 adapters run in x's dtype
+            xd = self.dropout(x)
+            y = y + F.linear(F.linear(xd, self.lora_a.to(xd.dtype)), self.lora_b.to(xd.dtype)) * self.scale
         return y
 
     def effective_weight(self) -> torch.Tensor:
         """The adapted [out, in] matrix, for callers that apply the head as a weight (the fused loss path). Such a
         caller never runs `forward`, so the head's LoRA branch sees no dropout there."""
         w = self.rows_weight()
-        return w + (self.lora_b @ self.lora_a) * self.scale if self.active else w
+        return w + ((self.lora_b @ self.lora_a) * self.scale).to(w.dtype) if self.active else w
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -166,9 +178,9 @@ class LoRAEmbedding(_Adapted):
             self.add_lora(r, alpha, rslora)
 
     def add_lora(self, r: int, alpha: float, rslora: bool = False) -> None:
-        w = self.weight
-        self.lora_a = nn.Parameter(torch.zeros(r, self.num_embeddings, device=w.device, dtype=w.dtype))
-        self.lora_b = nn.Parameter(torch.randn(self.embedding_dim, r, device=w.device, dtype=w.dtype))
+        w, dtype = self.weight, adapter_dtype(self.weight.dtype)
+        self.lora_a = nn.Parameter(torch.zeros(r, self.num_embeddings, device=w.device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.randn(self.embedding_dim, r, device=w.device, dtype=dtype))
         self.r, self.alpha, self.rslora, self.scale = r, alpha, rslora, lora_scale(alpha, r, rslora)
 
     def add_head_lora(self, r: int, alpha: float, rslora: bool = False) -> None:
@@ -191,14 +203,14 @@ class LoRAEmbedding(_Adapted):
             rows = self.new_rows[slot.clamp(min=0)].to(x.dtype)  # (B, T, H)
             x = torch.where((slot >= 0).unsqueeze(-1), rows, x)
         if self.active:
-            x = x + (F.embedding(ids, self.lora_a.T) @ self.lora_b.T) * self.scale  # (B, T, r) @ (r, H)
+            x = x + ((F.embedding(ids, self.lora_a.T) @ self.lora_b.T) * self.scale).to(x.dtype)  # (B, T, r) @ (r, H)
         return x
 
     def effective_weight(self) -> torch.Tensor:
         """The tied head's [V, H] matrix: the rows-updated weight plus the head's own LoRA delta (not the
         embedding's, matching PEFT, where the embedding LoRA touches only the input side)."""
         w = self.rows_weight()
-        return w + (self.head_lora_b @ self.head_lora_a) * self.head_scale if self.head_active else w
+        return w + ((self.head_lora_b @ self.head_lora_a) * self.head_scale).to(w.dtype) if self.head_active else w
 
     @torch.no_grad()
     def merged_head_weight(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from preflexor.errors import UserError
@@ -21,19 +22,31 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
-    """Write `ckpt_root/step_N/` atomically: trainable tensors (LoRA + new-token rows), optimizer state, RNG states
-    and the loop state (iteration, data position, ...). The last `keep_last` checkpoints are kept."""
+def rng_states(rt) -> list[dict]:
+    """Every rank's RNG states, in rank order (a collective under torchrun: every rank calls it): torch's CPU
+    generator, this rank's CUDA generator, Python's `random`."""
+    own = {"torch_cpu": torch.get_rng_state(), "python": _py_random_state()}
+    if rt.device.type == "cuda":
+        own["torch_cuda"] = torch.cuda.get_rng_state(rt.device)
+    if rt.world == 1:
+        return [own]
+    out = [None] * rt.world
+    dist.all_gather_object(out, own)
+    return out
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, state: dict, keep_last: int,
+                    rng: list[dict]) -> Path:
+    """Write `ckpt_root/step_N/` atomically: trainable tensors (LoRA + new-token rows), optimizer state, every
+    rank's RNG states (`rng_states`) and the loop state (iteration, data position, ...). The last `keep_last`
+    checkpoints are kept."""
     path = ckpt_root / f"step_{step}"
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
-        save_file(rng, str(tmp / "rng.safetensors"))
-        atomic_write_json(tmp / "state.json", {**state, "step": step, "python_random": _py_random_state()})
+        save_file({f"rank{r}.{k}": v for r, states in enumerate(rng) for k, v in states.items() if k != "python"},
+                  str(tmp / "rng.safetensors"))
+        atomic_write_json(tmp / "state.json", {**state, "step": step, "python_random": [x["python"] for x in rng]})
     steps = sorted((int(m.group(1)), p) for p in ckpt_root.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name)))
     for _, old in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -50,9 +63,10 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore trainable tensors, optimizer, RNG and loop state from a checkpoint directory (no pickle: safetensors,
-    and `torch.load(weights_only=True)` for the optimizer state)."""
+def load_checkpoint(path: Path, model, optimizer, rank: int = 0, device: torch.device | None = None) -> dict:
+    """Restore trainable tensors, optimizer, this rank's RNG states (rank 0's when the checkpoint has none for it)
+    and the loop state from a checkpoint directory (no pickle: safetensors, and `torch.load(weights_only=True)` for
+    the optimizer state)."""
     need = ["trainable.safetensors", "optimizer.pt", "rng.safetensors", "state.json"]
     missing = [n for n in need if not (path / n).is_file()]
     if missing:
@@ -75,16 +89,19 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
                 raise UserError(f"{path}: shape mismatch for {n}: {tuple(t.shape)} vs model {tuple(params[n].shape)}")
             params[n].copy_(t)
     optimizer.load_state_dict(opt_state)
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    v, internal, gauss = state.pop("python_random")
+    py = state.pop("python_random")
+    if "torch_cpu" in rng:  # written before checkpoints kept every rank's states
+        rng, py = {"rank0.torch_cpu": rng["torch_cpu"]}, [py]
+    r = rank if f"rank{rank}.torch_cpu" in rng else 0
+    torch.set_rng_state(rng[f"rank{r}.torch_cpu"])
+    if device is not None and device.type == "cuda" and f"rank{r}.torch_cuda" in rng:
+        torch.cuda.set_rng_state(rng[f"rank{r}.torch_cuda"], device)
+    v, internal, gauss = py[r]
     random.setstate((v, tuple(internal), gauss))
     return state
 
 
-def resume_point(ckpt_root: Path, resume: str, model, optimizer, verbose: bool = True) -> tuple[dict, Path | None]:
+def resume_point(ckpt_root: Path, resume: str, model, optimizer, rt) -> tuple[dict, Path | None]:
     """The loop state to start from and the checkpoint it came from: `train.resume` = auto (the newest checkpoint
     under `ckpt_root`, if any), never, or a checkpoint directory. Restores model, optimizer and RNG states."""
     state = {"iteration": 0, "step_in_iteration": 0, "global_step": 0, "position": 0}
@@ -96,7 +113,7 @@ def resume_point(ckpt_root: Path, resume: str, model, optimizer, verbose: bool =
         if not path.is_dir():
             raise UserError(f"train.resume: checkpoint directory {path} not found")
     if path is not None:
-        state.update(load_checkpoint(path, model, optimizer))
-        if verbose:
+        state.update(load_checkpoint(path, model, optimizer, rt.rank, rt.device))
+        if rt.main:
             print(f"resumed from {path} (step {state['global_step']})")
     return state, path

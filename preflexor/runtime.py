@@ -10,6 +10,7 @@ import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -74,20 +75,27 @@ def resolve_device(device: str = "auto", dtype: str = "auto",
     return torch.device(device), base, why
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", verbose: bool = True) -> Runtime:
-    """Resolve device and precision once and join a `torchrun` group if launched under one. Prints the choice."""
+def setup_runtime(device: str = "auto", dtype: str = "auto", verbose: bool = True,
+                  timeout_s: float = 1800.0) -> Runtime:
+    """Resolve device and precision once and join a `torchrun` group if launched under one (gloo on the CPU, nccl on
+    CUDA, `timeout_s` for its collectives: `train.dist_timeout_s`). Prints the choice.
+
+    On CUDA every rank uses `cuda:LOCAL_RANK` (0 without torchrun: `set_device` needs an index), and float32 matmuls
+    may use TF32 (the bf16 autocast GEMMs are unaffected; fp32 ones, e.g. the loss head of an fp32 model, get
+    tensor cores)."""
     dev, base, why = resolve_device(device, dtype)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device(f"cuda:{local_rank}")
     if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     else:
         keep_freed_memory()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     rt = Runtime(dev, base, torch.bfloat16 if dev.type == "cuda" else None, rank, world)
     if verbose and rt.main:
         prec = "bf16 autocast" if rt.autocast else "fp32"
@@ -117,8 +125,9 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
 
 
 def all_reduce_mean(x: float, rt: Runtime) -> float:
+    """The mean of `x` over ranks; the tensor lives on the run's device (nccl reduces CUDA tensors only)."""
     if rt.world <= 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
     return float(t.item() / rt.world)

@@ -13,6 +13,7 @@ The same design is used by Liger's fused linear cross-entropy and CCE (see refer
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 
 import torch
 
@@ -91,6 +92,11 @@ def _launch_args(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     return block_v, num_warps
 
 
+def on_device(t: torch.Tensor):
+    """Launch on `t`'s GPU, not the current one (a model on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
+
+
 def lse_and_logp(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (logsumexp [n], log-prob of the label [n], 0.0 where ignored), both float32, for logits [n, V]."""
@@ -100,8 +106,9 @@ def lse_and_logp(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int =
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
         lse_logp_kernel, _ = _kernels()
-        lse_logp_kernel[(n,)](logits, logits.stride(0), labels.contiguous(), lse, logp, V, ignore_index,
-                              BLOCK_V=block_v, num_warps=num_warps)
+        with on_device(logits):
+            lse_logp_kernel[(n,)](logits, logits.stride(0), labels.contiguous(), lse, logp, V, ignore_index,
+                                  BLOCK_V=block_v, num_warps=num_warps)
     return lse, logp
 
 
@@ -115,6 +122,7 @@ def softmax_grad_(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
     n, V = logits.shape
     if n:
         _, softmax_grad_kernel = _kernels()
-        softmax_grad_kernel[(n,)](logits, logits.stride(0), labels.contiguous(), lse.contiguous(),
-                                  scale.contiguous(), V, ignore_index, BLOCK_V=block_v, num_warps=num_warps)
+        with on_device(logits):
+            softmax_grad_kernel[(n,)](logits, logits.stride(0), labels.contiguous(), lse.contiguous(),
+                                      scale.contiguous(), V, ignore_index, BLOCK_V=block_v, num_warps=num_warps)
     return logits

@@ -1,0 +1,148 @@
+"""The CUDA path, tested on the CPU: the runtime with the CUDA calls faked (device index, collectives on the run's
+device, process-group timeout, TF32), kernels launched on their tensor's GPU, evaluation in the run's dtype, and
+float32 adapters over a bf16 base (updates below half a bf16 ulp must not round away)."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+
+from preflexor import runtime
+from preflexor.runtime import Runtime, all_reduce_mean, setup_runtime
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda.is_available() -> True; set_device and init_process_group recorded instead of run."""
+    calls = {"set_device": [], "init": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls["set_device"].append(torch.device(d)))
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda **kw: calls["init"].append(kw))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PREFLEXOR_DEVICE"):
+        monkeypatch.delenv(k, raising=False)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield calls
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_single_gpu_gets_an_indexed_device_and_tf32(fake_cuda):
+    rt = setup_runtime("cuda", "auto", verbose=False)
+    assert rt.device == torch.device("cuda", 0) and fake_cuda["set_device"] == [torch.device("cuda", 0)]
+    assert rt.dtype == torch.bfloat16 and rt.autocast == torch.bfloat16 and fake_cuda["init"] == []
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_torchrun_rank_uses_its_local_gpu_and_the_configured_timeout(fake_cuda, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    rt = setup_runtime("auto", "auto", verbose=False, timeout_s=120)
+    assert rt.device == torch.device("cuda", 1) and (rt.rank, rt.world) == (1, 2) and not rt.main
+    assert fake_cuda["init"] == [{"backend": "nccl", "timeout": timedelta(seconds=120)}]
+
+
+def test_collectives_run_on_the_process_groups_device(monkeypatch):
+    """nccl reduces CUDA tensors only: the metric all-reduce builds its tensor on the run's device."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_all_reduce(t):
+        seen.append(t.device)
+        raise Stop
+
+    monkeypatch.setattr(runtime.dist, "all_reduce", fake_all_reduce)
+    with pytest.raises(Stop):
+        all_reduce_mean(1.0, Runtime(torch.device("meta"), torch.bfloat16, torch.bfloat16, rank=0, world=2))
+    assert seen == [torch.device("meta")]
+    assert all_reduce_mean(3.0, Runtime(torch.device("cpu"), torch.float32, None)) == 3.0  # one process: no call
+
+
+def test_kernels_launch_on_their_tensors_gpu(monkeypatch):
+    from preflexor.fast import kernels
+
+    entered = []
+
+    class Ctx:
+        def __init__(self, d):
+            entered.append(torch.device(d))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Ctx)
+
+    class OnGPU1:
+        device = torch.device("cuda", 1)
+
+    with kernels.on_device(OnGPU1()):
+        pass
+    with kernels.on_device(torch.zeros(1)):  # CPU (the Triton interpreter): no CUDA context
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_evaluation_loads_models_in_the_runs_dtype(monkeypatch, tmp_path):
+    import evaluate
+
+    got = []
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda src, **kw: got.append(kw) or (_Tiny(), None))
+    evaluate._load("smollm2-135m-instruct", Runtime(torch.device("cpu"), torch.bfloat16, None), "model", False)
+    assert got[0]["dtype"] == torch.bfloat16 and got[0]["device"] == torch.device("cpu")
+
+
+class _Tiny(torch.nn.Module):
+    pass
+
+
+def test_fp32_adapters_over_a_bf16_base_move_at_stage2s_learning_rate(tiny_llama_dir):
+    """A bf16 base: LoRA A/B and the new-token rows are float32 parameters, so one AdamW step at lr 5e-7 changes
+    every one of them (in bf16 they would not move: the update is far below half an ulp); the loss equals that of
+    the same model computed entirely in float32 within bf16 tolerance."""
+    import copy
+
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.config import LossConfig
+    from preflexor.data import collate_pairs, tokenize_pairs
+    from preflexor.lora import apply_lora, train_new_token_rows
+    from preflexor.optim import build_optimizer
+    from preflexor.preference import preference_loss
+    from test_train import write_pairs
+
+    model, tok = load_model_and_tokenizer(tiny_llama_dir, dtype="bfloat16")
+    apply_lora(model, 4, 8, 0.0, ["q_proj", "v_proj", "down_proj", "lm_head"])
+    train_new_token_rows(model, sorted(tok.reasoning_ids.values()))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        from preflexor.data import load_pairs
+
+        examples, _ = tokenize_pairs(tok, load_pairs(write_pairs(Path(d) / "p.jsonl", n=2)), max_length=96)
+    batch = collate_pairs(examples, tok.pad_id)
+    rt = Runtime(torch.device("cpu"), torch.bfloat16, None)
+    reference = copy.deepcopy(model).float()  # the fp32-adapter reference: the same numbers without bf16 rounding
+    losses, _ = preference_loss(model, batch, LossConfig(name="orpo"), rt)
+    ref_losses, _ = preference_loss(reference, batch, LossConfig(name="orpo"), Runtime(torch.device("cpu"),
+                                                                                        torch.float32, None))
+    torch.testing.assert_close(losses, ref_losses, atol=2e-2, rtol=2e-2)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    opt = build_optimizer(model, 5e-7, 0.0, rt.device)
+    losses.mean().backward()
+    opt.step()
+    unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
+    assert unchanged == [], unchanged
