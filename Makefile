@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 CONFIG ?=
 ARGS   ?=
 
-.PHONY: setup test test-fast smoke data train-stage1 train-stage2 infer eval ablations clean
+.PHONY: setup test test-fast smoke gpu-check data train-stage1 train-stage2 infer eval ablations clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,12 @@ smoke: setup
 	$(PY) train_orpo.py --config configs/smoke.yaml $(ARGS)
 	$(PY) train_dpo.py --config configs/smoke.yaml model.source=runs/smoke/stage1/final/model loss.name=exo_pair \
 		loss.mask=answer_only lora.train_new_token_rows=false train.out_dir=runs/smoke/stage2 $(ARGS)
+
+# One GPU, one command (bench/gpu_check.py): Triton kernels, loss head, a 3B-shaped LoRA step, the sampler and the
+# scripts on cuda:0 -> bench/gpu_check.jsonl. No `setup`: it runs where a CUDA PyTorch is installed (python3 there).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -75,9 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = source.heldout()
     held_ex, _ = tokenize_for(tok, heldout, cfg.data, lc, seed=0)
     questions = [r["prompt"] for r in heldout[:tc.eval_generations]]
-    before = None
-    if rt.main and questions:
-        before = format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt)
+
+    def format_check() -> dict | None:  # greedy answers to the held-out questions, each rank answering its share
+        if not questions:
+            return None
+        return format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt, rt=rt)
+
+    before = format_check()
 
     # --- optimizer, log, resume -------------------------------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -161,12 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
         last_eval = run_eval(state["global_step"])
 
     # --- after training: the format rate again, summary, adapter and merged model (main rank) -----------------
-    summary = {"eval": last_eval}
+    after = format_check()
+    summary = {"eval": last_eval, "format_before": before, "format_after": after}
     if not rt.main:
         return summary
     plot_metrics(metrics.read(), out_dir / "curves.png")
-    after = format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt) if questions else None
-    summary.update(format_before=before, format_after=after)
     if before and after:
         print(f"thinking-format rate: before {before['format_rate']:.2f} -> after {after['format_rate']:.2f} "
               f"(opens with <|thinking|>: {before['opens_thinking_rate']:.2f} -> {after['opens_thinking_rate']:.2f})")

@@ -36,7 +36,7 @@ from preflexor.fast import cpu_infer
 from preflexor.graph import format_triples
 from preflexor.teacher import BACKGROUND, CATEGORIES, KNOWLEDGE_GRAPH, ChatTeacher, format_context, stable_rng
 from preflexor.thinking import TRIGGER, assemble_thinking
-from preflexor.utils import append_jsonl
+from preflexor.utils import append_jsonl, atomic_write_text
 
 # stage-1 rejected prompt: the question without the thinking trigger, asking for a direct answer (§2.2 step 8)
 DIRECT_ANSWER_PROMPT = "Give the answer to this question: {question}\nThe answer is:"
@@ -187,9 +187,10 @@ def model_rejected(model, tok, questions: Sequence[str], seeds: Sequence[int], s
 
 # -- resumable output --------------------------------------------------------------------------------------------------
 
-def read_existing(path: str | Path, run_id: str | None = None) -> list[dict]:
-    """Valid records already in `path`, in order. A torn last line (no newline, or not JSON) is truncated away;
-    any other bad line, an index out of sequence, or a record from another configuration is a UserError."""
+def read_existing(path: str | Path, run_id: str | None = None, stride: int = 1) -> list[dict]:
+    """Valid records already in `path`, in order (example indices `stride` apart). A torn last line (no newline, or
+    not JSON) is truncated away; any other bad line, an index out of sequence, or a record from another configuration
+    is a UserError."""
     path = Path(path)
     if not path.exists():
         return []
@@ -221,7 +222,7 @@ def read_existing(path: str | Path, run_id: str | None = None) -> list[dict]:
             if reason is not None:
                 raise UserError(f"{path}:{lineno}: {reason}")
             meta = obj.get("meta") or {}
-            expected = records[0]["meta"]["index"] + len(records) if records else meta.get("index")
+            expected = records[0]["meta"]["index"] + stride * len(records) if records else meta.get("index")
             if not isinstance(meta.get("index"), int) or meta["index"] != expected:
                 raise UserError(f"{path}:{lineno}: example index {meta.get('index')!r} out of sequence "
                                 f"(expected {expected}); not a datagen output file?")
@@ -241,7 +242,7 @@ def generate_pairs(n: int, teacher, docs, chunks, graph, retriever=None, rejecte
                    context_chunks: int = 3, retrieve_k: int = 3, kg_triples: int = 8, max_new_tokens: int = 256,
                    temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 0.9,
                    system_prompt: str | None = None, batch_size: int = 16, progress: bool = True,
-                   run_settings: dict | None = None) -> list[dict]:
+                   run_settings: dict | None = None, stride: int = 1) -> list[dict]:
     """The n preference pairs `start_index .. start_index + n - 1`, in index order (the training loop's iteration k
     passes start_index = k * n so every iteration sees new contexts). With `out_path` each record is appended (fsync)
     as soon as its batch is done, and an existing file is resumed: its valid records are kept and returned,
@@ -262,11 +263,11 @@ def generate_pairs(n: int, teacher, docs, chunks, graph, retriever=None, rejecte
                    if rejected_source == "model" else {}), **(run_settings or {})}
     # short hash of everything that determines the examples (not n, not the output path)
     run_id = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    records = read_existing(out_path, run_id) if out_path is not None else []
+    records = read_existing(out_path, run_id, stride) if out_path is not None else []
     if records and records[0]["meta"]["index"] != start_index:
         raise UserError(f"{out_path}:1: starts at example {records[0]['meta']['index']}, expected {start_index}")
     records = records[:n]
-    todo = list(range(start_index + len(records), start_index + n))
+    todo = [start_index + stride * k for k in range(len(records), n)]
     workers = max(1, int(getattr(teacher, "concurrency", 1)))
     graph_lock = threading.Lock()
     chunk_index = {c.chunk_id: c for c in chunks}
@@ -423,25 +424,37 @@ class PairSource:
             self.heldout_records = None
 
     def _generate(self, n: int, start_index: int, path: Path) -> list[dict]:
-        if self.rt.main:
-            teacher, docs, chunks, graph, retriever = self.sources
-            sc = self.cfg.sample
-            was_training = self.model.training
-            self.model.eval()
-            records = generate_pairs(n, teacher, docs, chunks, graph, retriever,
-                                     rejected_source=self.cfg.data.rejected_source, model=self.model,
-                                     tokenizer=self.tok, out_path=path, seed=self.cfg.data.seed,
-                                     start_index=start_index, stage=self.stage, kg_triples=self.cfg.data.kg_triples,
-                                     max_new_tokens=sc.max_new_tokens,
-                                     temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
-                                     system_prompt=self.cfg.data.system_prompt)
-            self.model.train(was_training)
-            cpu_infer.release(self.model)  # training changes the weights next: the packed CPU copy would go stale
-        if self.rt.world > 1:
-            dist.barrier()
-            if not self.rt.main:
-                records = load_pairs(path)
-        return records
+        """Examples start_index .. start_index + n - 1 into `path`. Under torchrun every rank generates its share
+        (examples rank, rank + world, ... into `path.rankR`, resumable); the shares are gathered in index order and
+        rank 0 writes `path`. Every example is seeded by its index, so any world size writes the same file (with an
+        LLM teacher that grows the graph, each rank's graph grows with its own examples only)."""
+        rt, dc, sc = self.rt, self.cfg.data, self.cfg.sample
+        if rt.world > 1 and path.is_file():  # merged before an interruption
+            return load_pairs(path)
+        teacher, docs, chunks, graph, retriever = self.sources
+        shard = path if rt.world == 1 else path.with_name(f"{path.name}.rank{rt.rank}")
+        was_training = self.model.training
+        self.model.eval()
+        records = generate_pairs(len(range(start_index + rt.rank, start_index + n, rt.world)), teacher, docs, chunks,
+                                 graph, retriever, rejected_source=dc.rejected_source, model=self.model,
+                                 tokenizer=self.tok, out_path=shard, seed=dc.seed, start_index=start_index + rt.rank,
+                                 stride=rt.world, stage=self.stage, kg_triples=dc.kg_triples,
+                                 max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
+                                 top_p=sc.top_p, system_prompt=dc.system_prompt, progress=rt.main)
+        self.model.train(was_training)
+        cpu_infer.release(self.model)  # training changes the weights next: the packed CPU copy would go stale
+        if rt.world == 1:
+            return records
+        parts = [None] * rt.world
+        dist.all_gather_object(parts, records)
+        merged = [None] * n
+        for r, part in enumerate(parts):
+            merged[r::rt.world] = part
+        if rt.main:
+            atomic_write_text(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in merged))
+        dist.barrier()
+        shard.unlink(missing_ok=True)
+        return merged
 
     def heldout(self) -> list[dict]:
         if self.heldout_records is None:

@@ -23,10 +23,13 @@ CHUNK_BYTES = 512 * 2**20  # cap on one float32 [chunk, V] logits block: 1040 to
 MIN_CHUNK = 256  # rows below which large-H matmuls lose efficiency (bench/RESULTS_loss_head.md)
 
 
-def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
-    """Tokens per chunk: a quarter of the batch (so the logits held at once are at most 1/4 of the full [N, V]),
-    but at least MIN_CHUNK rows for matmul efficiency and at most CHUNK_BYTES of float32 logits; a multiple of 8."""
+def default_chunk_size(n_tokens: int, vocab_size: int, device: torch.device | None = None) -> int:
+    """Tokens per chunk: at most CHUNK_BYTES of float32 logits, a multiple of 8. On the CPU also a quarter of the
+    batch (so the logits held at once are at most 1/4 of the full [N, V]) but at least MIN_CHUNK rows for matmul
+    efficiency; on CUDA the byte cap alone (larger GEMMs, fewer launches)."""
     by_bytes = max(8, CHUNK_BYTES // (4 * vocab_size) // 8 * 8)
+    if device is not None and device.type == "cuda":
+        return max(1, min(n_tokens, by_bytes))
     quarter = max(MIN_CHUNK, -(-n_tokens // 32) * 8)  # ceil(N / 4), rounded up to a multiple of 8
     return max(1, min(n_tokens, by_bytes, quarter))
 
@@ -88,33 +91,38 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, impl, precompute_grad_hidden,
-                rows=None, row_weight=None):
+                rows=None, row_weight=None, cols=None, col_weight=None):
         N = hidden.shape[0]
         use_triton, linear = impl == "triton", F.linear if impl == "plain" else matmul.linear
         w = weight.to(hidden.dtype)  # the matmul runs in the activations' dtype (bf16 under autocast-style use)
         lse = torch.empty(N, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
         out = torch.empty_like(lse)
-        unit = precompute_grad_hidden or rows is not None  # form onehot - softmax in the forward
+        generic = cols is not None  # a low-rank head term: every gradient in a backward that recomputes the logits
+        unit = not generic and (precompute_grad_hidden or rows is not None)  # onehot - softmax in the forward
+        precompute_grad_hidden = precompute_grad_hidden and not generic
         grad_hidden_unit = torch.empty_like(hidden) if precompute_grad_hidden else None
-        grad_rows_unit = None if rows is None else torch.empty(N, rows.shape[0], dtype=lse.dtype, device=lse.device)
+        grad_rows_unit = None if rows is None or generic else torch.empty(N, rows.shape[0], dtype=lse.dtype,
+                                                                          device=lse.device)
         for s in range(0, N, chunk_size):
             h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
-            logits = linear(h, w)  # [n, V]; oneDNN for float32 on the CPU unless plain
+            logits = _logits(linear, h, w, cols, col_weight, s, chunk_size)  # [n, V]
             if use_triton:
                 lse_c, logp_c = kernels.lse_and_logp(logits, y, ignore_index)
                 g = kernels.softmax_grad_(logits, y, lse_c, torch.ones_like(lse_c), ignore_index) if unit else None
             else:
                 lse_c, logp_c, g = _lse_logp_(logits, y, ignore_index, unit_grad=unit)
             lse[s:s + chunk_size], out[s:s + chunk_size] = lse_c, logp_c
-            if rows is not None:
+            if grad_rows_unit is not None:
                 grad_rows_unit[s:s + chunk_size] = g[:, rows]  # [n, K] columns of the trained rows
             if precompute_grad_hidden:
                 grad_hidden_unit[s:s + chunk_size] = linear(g.to(w.dtype), w.t())  # (onehot - softmax) @ W
             del logits, g  # free this [n, V] block before the next chunk's matmul allocates one
         ctx.ignore_index, ctx.chunk_size, ctx.impl = ignore_index, chunk_size, impl
-        ctx.precomputed, ctx.has_rows = precompute_grad_hidden, rows is not None
-        if rows is not None:
-            ctx.row_dtype = row_weight.dtype
+        ctx.precomputed, ctx.has_rows, ctx.generic = precompute_grad_hidden, rows is not None, generic
+        ctx.row_dtype = None if row_weight is None else row_weight.dtype
+        if generic:
+            ctx.save_for_backward(hidden, weight, labels, lse, rows, cols, col_weight)
+        elif rows is not None:
             ctx.save_for_backward(grad_hidden_unit, grad_rows_unit, hidden)
         elif precompute_grad_hidden:
             ctx.save_for_backward(grad_hidden_unit)
@@ -125,12 +133,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        if ctx.generic:
+            return _ChunkedTokenLogps._backward_generic(ctx, grad_out)
         if ctx.has_rows:
             return _ChunkedTokenLogps._backward_rows(ctx, grad_out)
         if ctx.precomputed:
             (grad_hidden_unit,) = ctx.saved_tensors
             grad_hidden = grad_hidden_unit * grad_out[:, None].to(grad_hidden_unit.dtype)
-            return grad_hidden, None, None, None, None, None, None, None, None
+            return grad_hidden, None, None, None, None, None, None, None, None, None, None
         hidden, weight, labels, lse = ctx.saved_tensors
         linear = F.linear if ctx.impl == "plain" else matmul.linear
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -142,19 +152,52 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for s in range(0, hidden.shape[0], c):
             h, y = hidden[s:s + c], labels[s:s + c]
             g = _chunk_grad(linear(h, w), y, lse[s:s + c], grad_out[s:s + c], ctx.ignore_index,
-                            ctx.impl == "triton")
-            g = g.to(w.dtype)  # [n, V]; no copy in float32
+                            ctx.impl == "triton")  # [n, V]: float32 (torch), the logits' dtype (triton)
+            if need_w:  # into the float32 accumulator directly: no [V, H] half-precision product per chunk
+                grad_w.addmm_(g.t().to(grad_w.dtype), h.to(grad_w.dtype))
             if need_h:
-                grad_hidden[s:s + c] = linear(g, w.t())
-            if need_w:
-                if h.dtype == grad_w.dtype:
-                    grad_w.addmm_(g.t(), h)
-                else:
-                    grad_w.add_(g.t() @ h)  # half-precision product, float32 accumulator
+                grad_hidden[s:s + c] = linear(g.to(w.dtype), w.t())
             del g  # free this [n, V] block before the next chunk's matmul allocates one
         if need_w:
             grad_w = grad_w.to(weight.dtype)
-        return grad_hidden, grad_w, None, None, None, None, None, None, None
+        return grad_hidden, grad_w, None, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _backward_generic(ctx, grad_out):
+        """The head with a low-rank term, logits = h W^T + c C^T (c = scale * h A^T [N, r], C = B [V, r]): the
+        logits are recomputed chunk by chunk, g = d logp / d logits, and every requested gradient is formed from g:
+        h (g W), c (g C), C (g^T c), W (g^T h) and trained rows (g[:, rows]^T h), the weights' in float32."""
+        hidden, weight, labels, lse, rows, cols, col_weight = ctx.saved_tensors
+        linear = F.linear if ctx.impl == "plain" else matmul.linear
+        need_h, need_w, need_rows, need_c, need_cw = (ctx.needs_input_grad[i] for i in (0, 1, 8, 9, 10))
+        w, cw = weight.to(hidden.dtype), col_weight.to(hidden.dtype)
+        acc = _acc_dtype(hidden.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_c = torch.empty_like(cols) if need_c else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_cw = torch.zeros(col_weight.shape, dtype=acc, device=weight.device) if need_cw else None
+        grad_rows = torch.zeros(rows.shape[0], hidden.shape[1], dtype=acc, device=weight.device) if need_rows else None
+        c = ctx.chunk_size
+        for s in range(0, hidden.shape[0], c):
+            h = hidden[s:s + c]
+            g = _chunk_grad(_logits(linear, h, w, cols, cw, s, c), labels[s:s + c], lse[s:s + c], grad_out[s:s + c],
+                            ctx.ignore_index, ctx.impl == "triton")  # [n, V]
+            g32 = g.to(acc)
+            if need_w:
+                grad_w.addmm_(g32.t(), h.to(acc))
+            if need_rows:
+                grad_rows.addmm_(g32[:, rows].t(), h.to(acc))
+            if need_cw:
+                grad_cw.addmm_(g32.t(), cols[s:s + c].to(acc))
+            gh = g.to(w.dtype)
+            if need_h:
+                grad_h[s:s + c] = linear(gh, w.t())
+            if need_c:
+                grad_c[s:s + c] = gh @ cw
+            del g, g32, gh
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return (grad_h, cast(grad_w, weight), None, None, None, None, None, None,
+                None if grad_rows is None else grad_rows.to(ctx.row_dtype), grad_c, cast(grad_cw, col_weight))
 
     @staticmethod
     def _backward_rows(ctx, grad_out):
@@ -171,7 +214,16 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             for s in range(0, hidden.shape[0], c):  # [K, n] x [n, H]; a float32 copy of one hidden chunk at most
                 grad_rows.addmm_(scaled[s:s + c].t(), hidden[s:s + c].to(scaled.dtype))
             grad_rows = grad_rows.to(ctx.row_dtype)
-        return grad_hidden, None, None, None, None, None, None, None, grad_rows
+        return grad_hidden, None, None, None, None, None, None, None, grad_rows, None, None
+
+
+def _logits(linear, h, w, cols, col_weight, start, n) -> torch.Tensor:
+    """One chunk's logits [n, V] = h W^T (oneDNN for float32 on the CPU unless plain), plus c C^T for a low-rank
+    head term (the head's LoRA: never folded into W, where a bf16 W would round its small deltas away)."""
+    logits = linear(h, w)
+    if cols is not None:
+        logits.addmm_(cols[start:start + n].to(logits.dtype), col_weight.t().to(logits.dtype))
+    return logits
 
 
 def _chunk_grad(logits, labels, lse, scale, ignore_index, use_triton):
@@ -183,7 +235,7 @@ def _chunk_grad(logits, labels, lse, scale, ignore_index, use_triton):
 
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                 chunk_size: int | None = None, impl: str | None = None, rows: torch.Tensor | None = None,
-                row_weight: torch.Tensor | None = None) -> torch.Tensor:
+                row_weight: torch.Tensor | None = None, lowrank: tuple | None = None) -> torch.Tensor:
     """Log-prob of each label under softmax(hidden @ weight.T), 0.0 where labels == ignore_index; a tensor of labels'
     shape, float32 (float64 for float64 inputs, which gradcheck uses).
 
@@ -191,7 +243,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         hidden: [N, H] or [B, T, H] final hidden states (after the last norm).
         weight: [V, H] LM-head weight (gradient optional: skipped when it does not require grad).
         labels: hidden's leading shape; the token predicted from each hidden row (already shifted).
-        chunk_size: tokens per chunk; None picks `default_chunk_size` (a quarter of the tokens, 256 to 512 MiB).
+        chunk_size: tokens per chunk; None picks `default_chunk_size` (512 MiB of logits at most).
         impl: "torch" (chunked PyTorch, oneDNN GEMMs on the CPU), "plain" (chunked PyTorch, `F.linear`: the model
             has no fast paths installed), "triton" (fast/kernels.py; CUDA, or CPU under TRITON_INTERPRET=1),
             "auto" (default) = triton on CUDA when installed, else torch.
@@ -199,6 +251,9 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             `row_weight` [K, H] (e.g. `Transformer.head_parts()`). `weight` is then a constant that already holds
             those values; the result and the gradients of hidden and row_weight equal those of
             `weight.index_put((rows,), row_weight)` as the head, but take the frozen-head path plus a [K, H] product.
+        lowrank: (A [r, H], B [V, r], scale): the head's LoRA as a term on the hidden states, logits = h W^T +
+            scale (h A^T) B^T (`Transformer.head_lowrank()`), with gradients for A and B; `weight` then holds no
+            LoRA delta. Combines with rows.
     """
     if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"token_logps: hidden {tuple(hidden.shape)} must be [..., H] and weight "
@@ -218,13 +273,21 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"token_logps: labels must be in [0, {weight.shape[0]}) or {ignore_index}")
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # [N, H]
     y = labels.reshape(-1).long()  # [N]
-    chunk = chunk_size or default_chunk_size(h2.shape[0], weight.shape[0])
+    chunk = chunk_size or default_chunk_size(h2.shape[0], weight.shape[0], h2.device)
     row_grad = rows is not None and torch.is_grad_enabled() and row_weight.requires_grad
     grad_on = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or row_grad)
     precompute = grad_on and hidden.requires_grad and not weight.requires_grad
     if not row_grad:  # constant rows: `weight` already holds them, the plain path is exact
         rows = row_weight = None
-    out = _ChunkedTokenLogps.apply(h2, weight, y, ignore_index, chunk, impl, precompute, rows, row_weight)
+    cols = col_weight = None
+    if lowrank is not None:
+        a, b, scale = lowrank
+        if a.dim() != 2 or a.shape[1] != weight.shape[1] or tuple(b.shape) != (weight.shape[0], a.shape[0]):
+            raise ValueError(f"token_logps: lowrank A {tuple(a.shape)} and B {tuple(b.shape)} must be [r, H] and "
+                             f"[V, r] for weight {tuple(weight.shape)}")
+        cols, col_weight = F.linear(h2, a.to(h2.dtype)) * scale, b  # [N, r]: autograd carries h's and A's gradients
+    out = _ChunkedTokenLogps.apply(h2, weight, y, ignore_index, chunk, impl, precompute, rows, row_weight, cols,
+                                   col_weight)
     return out.view(labels.shape)
 
 

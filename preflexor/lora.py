@@ -78,22 +78,33 @@ class _Adapted(nn.Module):
         return self.weight.index_put((self.row_ids,), self.new_rows.to(self.weight.dtype))
 
     def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """This matrix as the LM head, split for `logprobs.token_logps`: (constant `rows_weight()`, `row_ids`,
-        `new_rows`) when the trainable rows are its only trainable part (no active head LoRA, frozen base), else
-        (`effective_weight()`, None, None). The split trains the rows without forming a [V, H] gradient."""
-        if (self.new_rows is None or self.merged or not self.new_rows.requires_grad or self.weight.requires_grad
-                or self._head_lora_active()):
-            return self.effective_weight(), None, None
+        """This matrix as the LM head without its LoRA (that is `lowrank()`), split for `logprobs.token_logps`:
+        (constant `rows_weight()`, `row_ids`, `new_rows`) when trainable rows train over a frozen base, else
+        (`rows_weight()`, None, None). The split trains the rows without forming a [V, H] gradient."""
+        if self.new_rows is None or self.merged or not self.new_rows.requires_grad or self.weight.requires_grad:
+            return self.rows_weight(), None, None
         with torch.no_grad():
-            weight = self.rows_weight()  # a [V, H] copy, as effective_weight() makes; the base stays untouched
+            weight = self.rows_weight()  # a [V, H] copy; the base stays untouched
         return weight, self.row_ids, self.new_rows
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The head's active LoRA as (A [r, H], B [V, r], scale), applied to the hidden states (logits = h W^T +
+        scale (h A^T) B^T) rather than folded into a [V, H] matrix, where a bf16 base rounds its small deltas away."""
+        return None
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., H) -> logits (..., V) with this matrix as the head: rows written in, LoRA as the low-rank term."""
+        y = F.linear(x, self.rows_weight(), getattr(self, "bias", None))
+        lr = self.lowrank()
+        if lr is not None:
+            a, b, scale = lr
+            y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scale
+        return y
 
     @property
     def active(self) -> bool:
         return self.lora_a is not None and not self.disabled and not self.merged
 
-    def _head_lora_active(self) -> bool:
-        return self.active  # LoRAEmbedding overrides: its own LoRA never reaches the tied head
 
 
 def _lora_pair(r: int, fan_in: int, fan_out: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
@@ -140,9 +151,11 @@ class LoRALinear(_Adapted):
             y = y + F.linear(F.linear(xd, self.lora_a.to(xd.dtype)), self.lora_b.to(xd.dtype)) * self.scale
         return y
 
+    def lowrank(self):  # as an untied head (which never runs `forward`, so its LoRA branch sees no dropout)
+        return (self.lora_a, self.lora_b, self.scale) if self.active else None
+
     def effective_weight(self) -> torch.Tensor:
-        """The adapted [out, in] matrix, for callers that apply the head as a weight (the fused loss path). Such a
-        caller never runs `forward`, so the head's LoRA branch sees no dropout there."""
+        """The adapted [out, in] matrix, LoRA folded in (the packed CPU decoder, float32)."""
         w = self.rows_weight()
         return w + ((self.lora_b @ self.lora_a) * self.scale).to(w.dtype) if self.active else w
 
@@ -193,8 +206,8 @@ class LoRAEmbedding(_Adapted):
     def head_active(self) -> bool:
         return self.head_lora_a is not None and not self.disabled and not self.merged
 
-    def _head_lora_active(self) -> bool:
-        return self.head_active
+    def lowrank(self):
+        return (self.head_lora_a, self.head_lora_b, self.head_scale) if self.head_active else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.weight)  # (B, T, H), the base path exactly as nn.Embedding computes it

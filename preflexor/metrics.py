@@ -20,6 +20,7 @@ from preflexor.client import ChatClient
 from preflexor.corpus import load_corpus
 from preflexor.errors import UserError
 from preflexor.graph import IS_A, KnowledgeGraph
+from preflexor.runtime import shard_map
 from preflexor.sampler import generate_ex
 from preflexor.thinking import THINK_START, TRIGGER, FormatWatch, final_answer, split_thinking, strip_tags
 from preflexor.utils import append_jsonl, save_png
@@ -100,13 +101,20 @@ def question_prompt_ids(tok, question: str, system: str | None = None) -> list[i
 
 @torch.no_grad()
 def format_rate(model, tok, prompts: list[str], max_new_tokens: int = 128, system: str | None = None,
-                batch_size: int = 8) -> dict:
+                batch_size: int = 8, rt=None) -> dict:
     """Greedy answers to `prompts` (already carrying the trigger); the fraction that is well formed, with samples.
 
     A row stops as soon as it cannot be well formed any more (its first non-blank text is not `<|thinking|>`, or it
     opens a second thinking block), so an untrained model's long answers cost one step instead of a full budget.
-    Those samples are cut there ("stopped early")."""
-    gens = generate_responses(model, tok, prompts, max_new_tokens, system, batch_size, stop_when_malformed=True)
+    Those samples are cut there ("stopped early"). Under torchrun (`rt`) each rank answers its share of the prompts
+    and every rank gets all the rows (a collective: every rank calls it)."""
+    def answer(ps: list[str]) -> list:
+        g = generate_responses(model, tok, ps, max_new_tokens, system, batch_size, stop_when_malformed=True)
+        return [{**row, "seconds": g["seconds"]} for row in g["rows"]]
+
+    rows = shard_map(answer, list(prompts), rt) if rt is not None else answer(list(prompts))
+    seconds = max((r["seconds"] for r in rows), default=0.0)
+    gens = {"rows": rows, "tokens_per_s": sum(r["n_tokens"] for r in rows) / seconds if seconds > 0 else 0.0}
     texts = [g["response"] for g in gens["rows"]]
     parsed = [split_thinking(t) for t in texts]
     ok = sum(p["well_formed"] for p in parsed)

@@ -156,6 +156,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, D)
+            if attn_mask is not None:  # the caller's mask may cover only the slots in use
+                k, v = k[:, :, :attn_mask.shape[-1]], v[:, :, :attn_mask.shape[-1]]
         y = attention(q, k, v, attn_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, H)
 
@@ -229,10 +231,20 @@ class Transformer(nn.Module):
         return head.effective_weight() if hasattr(head, "effective_weight") else head.weight
 
     def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """`head_weight()` as (constant [V, H], row ids [K], trainable rows [K, H]) when the head's only trainable
-        part is new-token rows (`lora.train_new_token_rows`), else (head_weight(), None, None); see logprobs.py."""
+        """The head without its LoRA as (constant [V, H], row ids [K], trainable rows [K, H]) when new-token rows
+        train (`lora.train_new_token_rows`), else (matrix, None, None); see logprobs.py."""
         head = self._head()
-        return head.head_parts() if hasattr(head, "head_parts") else (self.head_weight(), None, None)
+        return head.head_parts() if hasattr(head, "head_parts") else (head.weight, None, None)
+
+    def head_lowrank(self) -> tuple | None:
+        """The head's LoRA (A [r, H], B [V, r], scale), kept apart from `head_parts()`, or None."""
+        head = self._head()
+        return head.lowrank() if hasattr(head, "lowrank") else None
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., H) -> logits (..., V); an adapted head applies its LoRA to x instead of folding it into W."""
+        head = self._head()
+        return head.project_out(x) if hasattr(head, "project_out") else F.linear(x, head.weight, self.head_bias())
 
     def head_bias(self) -> torch.Tensor | None:
         return None if self.lm_head is None else getattr(self.lm_head, "bias", None)
@@ -318,5 +330,5 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, input_pos, attn_mask)
         x = self.model.norm(x)
         if not return_hidden:
-            x = F.linear(x, self.head_weight(), self.head_bias())  # (B, T, V)
+            x = self.head_logits(x)  # (B, T, V)
         return x

@@ -46,10 +46,12 @@ def response_token_logps(model, batch: dict, rt: Runtime) -> torch.Tensor:
         hidden = torch.cat(picked)  # (n_chosen + n_rejected, H)
     labels = targets[where]
     weight, rows, row_weight = model.head_parts()
+    lowrank = model.head_lowrank()  # the head's LoRA as a term on the hidden states, not folded into the matrix
     if rt.autocast is None:  # fp32 log-probs for fp32 or bf16 weights without autocast (evaluation of a bf16 model)
         hidden, weight = hidden.float(), weight.float()
         row_weight = None if row_weight is None else row_weight.float()
-    tl = token_logps(hidden, weight, labels, rows=rows, row_weight=row_weight,
+        lowrank = None if lowrank is None else (lowrank[0].float(), lowrank[1].float(), lowrank[2])
+    tl = token_logps(hidden, weight, labels, rows=rows, row_weight=row_weight, lowrank=lowrank,
                      impl=None if fast.installed(model) else "plain")  # (n,)
     return torch.zeros(B2, T, dtype=tl.dtype, device=tl.device).masked_scatter(where, tl)  # (2B, T)
 

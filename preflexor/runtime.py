@@ -131,3 +131,17 @@ def all_reduce_mean(x: float, rt: Runtime) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
     return float(t.item() / rt.world)
+
+
+def shard_map(fn, items: list, rt: Runtime) -> list:
+    """`fn(items)` with the work shared by ranks: rank r runs `fn(items[r::world])` (a list, one result per item),
+    and every rank gets all results back in item order (a collective under torchrun: every rank calls it)."""
+    mine = fn(items[rt.rank::rt.world]) if items[rt.rank::rt.world] else []
+    if rt.world == 1:
+        return mine
+    parts = [None] * rt.world
+    dist.all_gather_object(parts, mine)
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::rt.world] = part
+    return out

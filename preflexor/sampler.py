@@ -95,10 +95,13 @@ def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
 
 
 # -- model steps ---------------------------------------------------------------------------------------------------
-def head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output projection (weight [V, H], bias) as plain tensors, built once per generation: with trainable
-    new-token rows or a head LoRA, `head_weight()` assembles a fresh [V, H] matrix on every call."""
-    return model.head_weight(), model.head_bias()
+def head_params(model) -> tuple[torch.Tensor, torch.Tensor | None] | Callable:
+    """The output projection, built once per generation: (weight [V, H], bias) as plain tensors (trainable rows
+    written in), or for a head with a LoRA the head itself (`model.head_logits`: the low-rank term on the hidden
+    states, never folded into a [V, H] matrix)."""
+    if model.head_lowrank() is not None:
+        return lambda hidden: model.head_logits(hidden).float()
+    return model.head_parts()[0], model.head_bias()
 
 
 def _head(model, hidden: torch.Tensor, head: tuple | Callable | None = None) -> torch.Tensor:
@@ -192,11 +195,15 @@ def _fresh_cache(model, B: int, S: int):
             model.train(was_training)
 
 
-def _select_cache_rows(model, idx: torch.Tensor) -> None:
-    """Keep (or repeat) the cache rows `idx` of every layer: N samples per prompt, or dropping finished rows."""
+def _select_cache_rows(model, idx: torch.Tensor, filled: int) -> None:
+    """Keep (or repeat) the cache rows `idx` of every layer: N samples per prompt, or dropping finished rows. Only
+    the `filled` slots are copied; the rest start as zeros (written before they are attended to)."""
     for c in model.kv_caches():
-        c.k = c.k.index_select(0, idx)  # (len(idx), n_kv, S, D)
-        c.v = c.v.index_select(0, idx)
+        for name in ("k", "v"):
+            old = getattr(c, name)  # (R, n_kv, S, D)
+            new = old.new_zeros((len(idx), *old.shape[1:]))
+            new[:, :, :filled] = old[idx, :, :filled]
+            setattr(c, name, new)
 
 
 def _progress_bar(total: int):
@@ -271,10 +278,10 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
     with _fresh_cache(model, B, S), ExitStack() as stack:
         packed = stack.enter_context(cpu_infer.session(model, B * N)) if fast else None
         head = head_params(model) if packed is None else packed.logits  # weight and bias, or the packed head
-        logits = prefill(model, padded, positions, _prefill_mask(pad, L, S), head)  # (B, V)
+        logits = prefill(model, padded, positions, _prefill_mask(pad, L, S)[..., :L], head)  # (B, V): L slots
         padded_rows = bool((pad > 0).any())  # the fast step needs no mask when no row is left-padded
         if N > 1:  # N samples per prompt from the one prefill: copy cache rows, not recompute
-            _select_cache_rows(model, torch.arange(B, device=device).repeat_interleave(N))  # (B*N,) rows
+            _select_cache_rows(model, torch.arange(B, device=device).repeat_interleave(N), L)  # (B*N,) rows
             logits = logits.repeat_interleave(N, dim=0)  # (B*N, V)
             step_mask = step_mask.repeat_interleave(N, dim=0)  # (B*N, 1, 1, S)
         rows = list(range(B * N))  # original row (prompt * N + sample) of each batch row
@@ -308,7 +315,7 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
                 break
             if len(keep) < len(rows) and not compile:  # drop finished rows from the batch and the cache
                 idx = torch.tensor(keep, device=device)
-                _select_cache_rows(model, idx)
+                _select_cache_rows(model, idx, L + step)
                 tok, pos, step_mask = tok[idx], pos[idx], step_mask[idx]
                 rows = [rows[i] for i in keep]
                 gens = [gens[i] for i in keep] if gens is not None else None
@@ -317,7 +324,8 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
             if packed is not None:
                 logits = packed.decode(model, tok[:, None], slot, pos, step_mask if padded_rows else None)
             else:
-                logits = step_fn(model, tok[:, None], slots[slot:slot + 1], pos, step_mask, head)
+                mask = step_mask if compile else step_mask[..., :slot + 1]  # attend to the filled slots only
+                logits = step_fn(model, tok[:, None], slots[slot:slot + 1], pos, mask, head)
             pos = pos + 1
             step += 1
         if bar is not None:

@@ -146,3 +146,78 @@ def test_fp32_adapters_over_a_bf16_base_move_at_stage2s_learning_rate(tiny_llama
     opt.step()
     unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
     assert unchanged == [], unchanged
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_in_tiny_cpu_mode(tmp_path, tiny_llama_dir):
+    """`make gpu-check`'s script with tiny shapes on the CPU (Triton interpreted), so it cannot rot between the
+    sessions that have a GPU: every item runs, the kernels agree with float32, EXO starts at policy == reference, one
+    step at lr 5e-7 moves the float32 adapters, and the scripts train, resume and run stage 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "check.jsonl"
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--out", str(out), "--tokenizer",
+                        str(tiny_llama_dir / "tokenizer.json")], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = {x["item"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert list(recs) == ["versions", "kernels", "loss_head", "training_step", "sampling", "scripts"]
+    assert not any("error" in x for x in recs.values())
+    k = recs["kernels"]
+    for mode in ("frozen", "weight_grad", "rows"):
+        assert k[mode]["logp_max_abs_err"] <= 2 * k[mode]["eager_bf16_logp_max_abs_err"] + 1e-3
+        assert all(v < 0.05 for key, v in k[mode].items() if key.endswith("rel_err"))
+    t = recs["training_step"]
+    assert t["exo_step0_policy_minus_reference_max"] == 0.0 and t["adapter_dtype"] == "float32"
+    assert t["moved_after_one_step_lr5e-07"] == {"lora_a": 1.0, "lora_b": 1.0}
+    s = recs["scripts"]
+    assert [s[k]["rc"] for k in ("stage1", "stage1_resume", "stage2")] == [0, 0, 0] and s["stage1_resume"]["resumed"]
+    assert s["stage1_resume"]["losses"][:2] == s["stage1"]["losses"]  # the resumed run kept the first iteration's log
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_lora_is_a_low_rank_term_not_folded_into_a_bf16_head(tied):
+    """A bf16 head with a LoRA whose delta is far below half a bf16 ulp of W: folded into the [V, H] bf16 matrix it
+    vanishes (the folded logits equal the base's). The training head (token_logps on head_parts + head_lowrank, in
+    float32 as the preference forward runs it without autocast) sees it; the model's and the sampler's heads apply
+    the same low-rank term (in the activations' dtype)."""
+    from preflexor.logprobs import token_logps
+    from preflexor.lora import apply_lora
+    from preflexor.model import ModelArgs, Transformer
+    from preflexor.sampler import _head, head_params
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.0)  # head entries ~0.75: half a bf16 ulp there is ~2e-3
+    model = model.to(torch.bfloat16)
+    apply_lora(model, 2, 2, 0.0, ["lm_head"])
+    head = model.model.embed_tokens if tied else model.lm_head
+    a, b = (head.head_lora_a, head.head_lora_b) if tied else (head.lora_a, head.lora_b)
+    with torch.no_grad():
+        a.fill_(1.0)
+        b.normal_(0, 1e-5, generator=torch.Generator().manual_seed(1))  # delta s B A ~1e-5: rounds away in a fold
+    assert a.dtype == torch.float32
+    x = torch.randn(3, 32).bfloat16()
+    base = torch.nn.functional.linear(x.float(), head.weight.float())
+    folded = torch.nn.functional.linear(x.float(), model.head_weight().float())
+    assert torch.equal(folded, base)  # the fold loses the delta entirely
+    want = base + (x.float() @ a.t()) @ b.t()  # scale alpha / r = 1
+    weight, rows, row_weight = model.head_parts()
+    A, B, s = model.head_lowrank()
+    labels = torch.tensor([1, 2, 3])
+    tl = token_logps(x.float(), weight.float(), labels, lowrank=(A.float(), B.float(), s))
+    ref, flat = (torch.log_softmax(z.double(), -1).gather(1, labels[:, None])[:, 0] for z in (want, base))
+    assert float((tl.detach().double() - flat).abs().max()) > 1e-5  # the delta moves the log-probs ...
+    torch.testing.assert_close(tl.double(), ref, atol=1e-6, rtol=0)  # ... exactly as the unfolded head says
+    lowrank = torch.nn.functional.linear(x, head.weight) + torch.nn.functional.linear(
+        torch.nn.functional.linear(x, A.to(x.dtype)), B.to(x.dtype)) * s
+    assert torch.equal(model.head_logits(x), lowrank)
+    assert torch.equal(_head(model, x, head_params(model)), lowrank.float())

@@ -267,6 +267,8 @@ def test_default_chunk_size_and_bad_args():
     assert default_chunk_size(2048, 49152) == 512  # a quarter of the tokens
     assert default_chunk_size(4096, 128256) == 1024
     assert default_chunk_size(1000, 1001) == logprobs.MIN_CHUNK
+    cuda = torch.device("cuda")  # on a GPU the byte cap alone: 1040 tokens of 128256 logits, not a quarter
+    assert default_chunk_size(2048, 128256, cuda) == 1040 and default_chunk_size(300, 128256, cuda) == 300
     for V in (49152, 128256):  # long batches: capped by bytes
         rows = default_chunk_size(100_000, V)
         assert rows % 8 == 0 and rows * V * 4 <= logprobs.CHUNK_BYTES < (rows + 8) * V * 4
@@ -317,3 +319,38 @@ if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or set TRITON_INTERPRET=1"
     check_rows_triton("cpu")
     print("rows triton checks passed")
+
+
+@pytest.mark.parametrize("with_rows", [False, True])
+@pytest.mark.parametrize("impl", ["torch", "plain"])
+def test_token_logps_lowrank_head_term_matches_the_folded_head(with_rows, impl):
+    """A head LoRA as a term on the hidden states (`lowrank=(A, B, s)`: logits = h W^T + s (h A^T) B^T) == the
+    folded head W + s B A with full autograd: values and the gradients of hidden, A, B (and trained rows), 1e-5;
+    float64 gradcheck of the custom backward."""
+    hidden, weight, labels = _inputs(N=40)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, weight.shape[1], generator=g) * 0.3, torch.randn(weight.shape[0], 3, generator=g) * 0.3
+    rows = torch.tensor([3, 17, 400]) if with_rows else None
+    up = torch.randn(40, generator=g)
+
+    def run(fused: bool):
+        h, A, B = hidden.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()
+        rw = weight[rows].clone().requires_grad_() if with_rows else None
+        if fused:
+            kw = {"rows": rows, "row_weight": rw} if with_rows else {}
+            out = token_logps(h, weight, labels, chunk_size=16, impl=impl, lowrank=(A, B, 0.7), **kw)
+        else:
+            w = weight.index_put((rows,), rw) if with_rows else weight
+            out = token_logps_reference(h, w + 0.7 * B @ A, labels)
+        grads = torch.autograd.grad((out * up).sum(), [h, A, B] + ([rw] if with_rows else []))
+        return out, grads
+
+    (got, g1), (ref, g2) = run(True), run(False)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    hd, wd, ad, bd = (t.double() for t in (hidden[:6], weight[:50], a, b[:50]))
+    lab = labels[:6].clamp(max=49)
+    assert torch.autograd.gradcheck(lambda h, A, B: token_logps(h, wd, lab, chunk_size=4, impl=impl,
+                                                                 lowrank=(A, B, 0.7)),
+                                    (hd.requires_grad_(), ad.requires_grad_(), bd.requires_grad_()))

@@ -246,8 +246,9 @@ def test_policy_logps_rows_head_equals_full_head_autograd(tied, monkeypatch):
 
 
 def test_head_parts_only_for_rows_only_heads():
-    """(weight, None, None) for a plain head, a head LoRA, frozen rows and a merged model; the split whenever the
-    rows are the head's only trainable part, including under disable_lora, where it holds head_weight()'s values."""
+    """(weight, None, None) for a plain head, frozen rows and a merged model; the rows split whenever they train,
+    with a head LoRA too: that LoRA is kept apart (`head_lowrank`, applied to the hidden states, never folded into
+    the matrix), so split matrix + s B A == head_weight(); under disable_lora no low-rank term."""
     plain = tiny(True)
     w, rows, rw = plain.head_parts()
     assert w is plain.model.embed_tokens.weight and rows is None and rw is None
@@ -255,10 +256,12 @@ def test_head_parts_only_for_rows_only_heads():
         model = train_new_token_rows(apply_lora(tiny(tied), r=4, alpha=8, targets=ALL), NEW)
         randomize(model)
         w, rows, rw = model.head_parts()
-        assert rows is None and rw is None and w.requires_grad  # head LoRA active: the full autograd path
+        assert rows is not None and rw.requires_grad and not w.requires_grad  # rows split, LoRA apart
+        a, b, scale = model.head_lowrank()
         with torch.no_grad():
-            torch.testing.assert_close(w, model.head_weight())
+            torch.testing.assert_close(w + scale * b @ a, model.head_weight())
         with disable_lora(model):
+            assert model.head_lowrank() is None
             w, rows, rw = model.head_parts()
             assert rows is not None and torch.equal(w, model.head_weight()) and not w.requires_grad
         head = model.model.embed_tokens if tied else model.lm_head

@@ -146,6 +146,43 @@ def test_torchrun_gloo_matches_single_process_with_doubled_batch(tmp_path, tiny_
         torch.testing.assert_close(sb[k], sa[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_active_loops_generation(tmp_path, tiny_llama_dir):
+    """Under torchrun every rank generates its share of the active loop's pairs (grounded teacher, rejected answers
+    sampled from the model) and of the held-out format check, gathered in index order: 2 gloo processes write the
+    same pair files byte for byte and the same format-check answers as one process, and the same loss curve (one
+    process with the doubled batch; float32 all-reduce, so within 1e-4)."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = [f"model.source={tiny_llama_dir}", "data.pairs=null", "data.pairs_per_iteration=4",
+              "data.heldout_pairs=2", "data.kg_triples=2", "data.section_lines=1", "data.max_length=384", "data.max_prompt_len=128",
+              "sample.max_new_tokens=8", "train.iterations=2", "train.steps_per_iteration=2", "train.grad_accum=1",
+              "train.lr=1e-3", "train.eval_generations=2", "train.eval_max_new_tokens=4", "lora.r=4", "lora.alpha=8",
+              "lora.dropout=0.0", "train.device=cpu"]
+    r = run_script("train_orpo.py", ["--config", "configs/stage1_orpo.yaml", *common, f"train.out_dir={single}",
+                                     "train.batch_size=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29500 + random.randint(0, 400)), str(ROOT / "train_orpo.py")]
+    r = subprocess.run([*torchrun, "--config", "configs/stage1_orpo.yaml", *common, f"train.out_dir={ddp}",
+                        "train.batch_size=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = sorted(p.name for p in (single / "data").iterdir())
+    assert files == ["heldout.jsonl", "iter_000.jsonl", "iter_001.jsonl"]
+    assert sorted(p.name for p in (ddp / "data").iterdir()) == files  # the ranks' shard files are gone
+    for name in files:
+        assert (single / "data" / name).read_bytes() == (ddp / "data" / name).read_bytes(), name
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (single, ddp)]
+    for key in ("format_before", "format_after"):
+        answers = [[x["response"] for x in summary[key]["samples"]] for summary in summaries]
+        assert answers[0] == answers[1] and len(answers[0]) == 2
+    curve = lambda out: [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                         if "loss" in m]
+    a, b = curve(single), curve(ddp)
+    assert len(a) == len(b) == 4 and a[0] != a[-1]
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-4, (a, b)
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path, tiny_llama_dir):
     pairs = write_pairs(tmp_path / "pairs.jsonl", bad_line=5)
     cases = [
@@ -264,3 +301,48 @@ def test_keep_freed_memory_respects_glibc_switches(monkeypatch):
     assert keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
     assert keep_freed_memory() is False
+
+
+def test_each_rank_generates_its_share_and_the_shares_merge_in_index_order(tmp_path, monkeypatch):
+    """PairSource under a (faked) 2-rank group: rank r generates examples start + r, start + r + 2, ... into its own
+    shard file, the shares are gathered and interleaved back into index order, and only rank 0 writes the merged
+    file; `runtime.shard_map` does the same for any list of work (the format check)."""
+    from preflexor import datagen, runtime
+    from preflexor.config import RunConfig, load_config
+    from preflexor.runtime import Runtime, shard_map
+
+    calls = []
+
+    def fake_generate_pairs(n, *a, start_index, stride, out_path, **kw):
+        calls.append((n, start_index, stride, out_path.name))
+        return [{"meta": {"index": start_index + stride * k}} for k in range(n)]
+
+    monkeypatch.setattr(datagen, "generate_pairs", fake_generate_pairs)
+    monkeypatch.setattr(datagen.cpu_infer, "release", lambda m: None)
+    monkeypatch.setattr(datagen.dist, "barrier", lambda: None)
+
+    def gather_as(rank):  # what the other rank contributes: its own share
+        def all_gather(parts, mine):
+            other = [{"meta": {"index": 10 + (1 - rank) + 2 * k}} for k in range(2 if rank == 0 else 3)]
+            parts[rank], parts[1 - rank] = mine, other
+        return all_gather
+
+    cfg = load_config(RunConfig, None, [])
+    for rank in (0, 1):
+        src = object.__new__(datagen.PairSource)
+        src.cfg, src.tok, src.model, src.stage = cfg, None, torch.nn.Linear(1, 1), 1
+        src.rt, src.sources = Runtime(torch.device("cpu"), torch.float32, None, rank=rank, world=2), (None,) * 5
+        monkeypatch.setattr(datagen.dist, "all_gather_object", gather_as(rank))
+        path = tmp_path / f"r{rank}" / "iter_000.jsonl"
+        path.parent.mkdir()
+        merged = src._generate(5, 10, path)
+        assert [r["meta"]["index"] for r in merged] == [10, 11, 12, 13, 14]
+        assert path.is_file() == (rank == 0)
+    assert calls == [(3, 10, 2, "iter_000.jsonl.rank0"), (2, 11, 2, "iter_000.jsonl.rank1")]
+
+    monkeypatch.setattr(runtime.dist, "all_gather_object", lambda parts, mine: parts.__setitem__(
+        slice(None), [mine, [x * 10 for x in [1, 3]]]))
+    seen = []
+    out = shard_map(lambda xs: seen.append(xs) or [x * 10 for x in xs], [0, 1, 2, 3],
+                    Runtime(torch.device("cpu"), torch.float32, None, rank=0, world=2))
+    assert seen == [[0, 2]] and out == [0, 10, 20, 30]

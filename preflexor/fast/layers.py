@@ -99,6 +99,8 @@ class FastAttention(Attention):
             return project(y.view(B, T, -1), self.o_proj)[0]
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, D)
+            if attn_mask is not None:  # the caller's mask may cover only the slots in use
+                k, v = k[:, :, :attn_mask.shape[-1]], v[:, :, :attn_mask.shape[-1]]
         y = sdpa(q, k, v, attn_mask).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*D)
         return project(y, self.o_proj)[0]
 

@@ -19,13 +19,9 @@ MERGE_SLACK = 1.15  # chosen and rejected answers run as one block when padding 
 
 
 def sdpa(q, k, v, attn_mask=None):
-    """`model.attention`, except that the CPU kernel takes grouped k/v as they are (no expanded copies saved for the
-    backward); elsewhere they are expanded."""
-    n_head, n_kv = q.shape[1], k.shape[1]
-    gqa = n_kv != n_head and q.device.type == "cpu"
-    if n_kv != n_head and not gqa:
-        k = k.repeat_interleave(n_head // n_kv, dim=1)  # (B, nh, S, D)
-        v = v.repeat_interleave(n_head // n_kv, dim=1)
+    """`model.attention` with grouped k/v taken as they are (`enable_gqa`: no expanded copies, none saved for the
+    backward)."""
+    gqa = k.shape[1] != q.shape[1]
     if attn_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
