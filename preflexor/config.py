@@ -45,7 +45,7 @@ class DataConfig:
     pairs: str | None = None  # a preference JSONL; None = the active loop generates pairs
     corpus: str = "ontology"  # "ontology" (embedded default), a folder of .txt/.md, or a .jsonl with "text"
     retrieval: str = "tfidf"  # tfidf | dense | hybrid | none
-    teacher: str = "grounded"  # grounded | http | local
+    teacher: str = "grounded"  # reasoning (KG tasks, checkable answers) | grounded | http | local
     teacher_url: str = "http://127.0.0.1:8000/v1"
     teacher_model: str = "default"
     teacher_source: str | None = None  # checkpoint for the local teacher

@@ -34,6 +34,7 @@ from preflexor.data import load_pairs, validate_record
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.fast import cpu_infer
 from preflexor.graph import format_triples
+from preflexor.tasks import HELDOUT_START
 from preflexor.teacher import BACKGROUND, CATEGORIES, KNOWLEDGE_GRAPH, ChatTeacher, format_context, stable_rng
 from preflexor.thinking import TRIGGER, assemble_thinking
 from preflexor.utils import append_jsonl, atomic_write_text
@@ -92,6 +93,13 @@ def teacher_part(i: int, teacher, chunks, graph, retriever, seed: int, topics=No
                  retrieve_k: int = 3, kg_triples: int = 8, want_incorrect: bool = False,
                  graph_lock: threading.Lock | None = None, chunk_index: dict | None = None) -> dict:
     """Everything of example i that the teacher writes: prompt, chosen, (incorrect answer) and provenance."""
+    if hasattr(teacher, "example"):  # a teacher of whole examples (tasks.ReasoningTeacher): facts in the prompt
+        out = teacher.example(i)
+        out["meta"]["question"] = out["prompt"]  # what the model is asked (facts + question), without the trigger
+        out["prompt"] += TRIGGER
+        if not want_incorrect:
+            del out["rejected"]
+        return out
     lock = graph_lock or threading.Lock()
     by_id = chunk_index if chunk_index is not None else {c.chunk_id: c for c in chunks}
     topic, ctx = _context(i, seed, chunks, retriever, topics, context_chunks)
@@ -338,10 +346,14 @@ def build_sources(cfg, encode=None):
 
 
 def build_teacher(cfg, docs, chunks, graph, retriever):
-    """The teacher a config names: grounded (no LLM), http (OpenAI-compatible server) or local (a checkpoint)."""
+    """The teacher a config names: reasoning (KG tasks with checkable answers), grounded (definitions, no LLM), http
+    (OpenAI-compatible server) or local (a checkpoint)."""
+    from preflexor.tasks import ReasoningTeacher
     from preflexor.teacher import GroundedTeacher, HTTPTeacher, LocalTeacher
 
     kind = _opt(cfg, "teacher")
+    if kind == "reasoning":
+        return ReasoningTeacher(graph, seed=_opt(cfg, "seed"))
     if kind == "grounded":
         return GroundedTeacher(docs, chunks, graph, retriever, seed=_opt(cfg, "seed"),
                                section_lines=_opt(cfg, "section_lines"))
@@ -356,7 +368,7 @@ def build_teacher(cfg, docs, chunks, graph, retriever):
             raise UserError("datagen: teacher 'local' needs teacher_source=<checkpoint>")
         m, t = load_model_and_tokenizer(_opt(cfg, "teacher_source"))
         return LocalTeacher(m, t, seed=_opt(cfg, "seed"), max_tokens=_opt(cfg, "teacher_max_tokens"))
-    raise UserError(f"datagen: unknown teacher {kind!r} (choose from grounded, http, local)")
+    raise UserError(f"datagen: unknown teacher {kind!r} (choose from reasoning, grounded, http, local)")
 
 
 @exit_on_user_error
@@ -403,7 +415,7 @@ class PairSource:
     model writing the rejected answers (stage 1 without the thinking trigger, stage 2 with it). Generated pairs are
     kept in `out_dir/data/` (iter_NNN.jsonl, heldout.jsonl); a resumed run reads them back instead of regenerating."""
 
-    HELDOUT_INDEX = 1_000_000  # held-out examples live in their own index range, away from training contexts
+    HELDOUT_INDEX = HELDOUT_START  # held-out examples live in their own index range, away from training contexts
 
     def __init__(self, cfg, tok, model, rt, out_dir: Path, stage: int):
         self.cfg, self.tok, self.model, self.rt, self.stage = cfg, tok, model, rt, stage

@@ -1,0 +1,150 @@
+"""The reasoning teacher (tasks.py): every kind's answer equals a brute-force computation on the knowledge graph and on
+the prompt's facts, every relation the chosen thinking states is in the graph, the rejected side states exactly one
+false relation (at its error step) and answers wrong, held-out concepts never occur in training examples, and the
+examples are deterministic."""
+from __future__ import annotations
+
+import re
+
+import networkx as nx
+import pytest
+
+from preflexor.graph import IS_A
+from preflexor.tasks import HELDOUT_START, KINDS, ReasoningTeacher, check
+
+_SENT = re.compile(r"^(?:\d+\. )?(?:So )?(.+?) is a kind of ([^:]+?)(?::.*)?\.$")
+_TRIPLE = re.compile(r"^\[(.+)\] -\[is_a\]-> \[(.+)\]$")
+
+
+@pytest.fixture(scope="module")
+def graph():
+    from preflexor.corpus import load_corpus
+    from preflexor.graph import KnowledgeGraph
+
+    docs, chunks = load_corpus("ontology")
+    return KnowledgeGraph.from_corpus(docs, chunks)
+
+
+@pytest.fixture(scope="module")
+def teacher(graph):
+    return ReasoningTeacher(graph, seed=3)
+
+
+@pytest.fixture(scope="module")
+def examples(teacher):
+    return [teacher.example(i) for i in range(48)] + [teacher.example(HELDOUT_START + i) for i in range(24)]
+
+
+def _isa(graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    g.add_edges_from((u, v) for u, v, k in graph.g.edges(keys=True) if k == IS_A and u != v)
+    return g
+
+
+def _dist(g: nx.DiGraph, x: str) -> dict[str, int]:
+    return {n: d for n, d in nx.single_source_shortest_path_length(g, x).items() if n != x}
+
+
+def _thinking(text: str) -> str:
+    return text.split("<|thinking|>", 1)[1].split("<|/thinking|>", 1)[0]
+
+
+def _stated(text: str, by_label: dict) -> list[tuple[str, str]]:
+    """(child, parent) label pairs the thinking states, as triples or as 'A is a kind of B.' steps."""
+    out = []
+    for line in _thinking(text).splitlines():
+        m = _TRIPLE.match(line.strip()) or _SENT.match(line.strip())
+        if m:
+            out.append((m.group(1), m.group(2)))
+    return out
+
+
+def test_answers_equal_a_brute_force_computation(graph, examples):
+    g = _isa(graph)
+    label = graph.label
+    seen = set()
+    for ex in examples:
+        m = ex["meta"]
+        seen.add(m["task"])
+        x, y = m["concepts"]
+        facts = nx.DiGraph(list(map(tuple, m["facts"])))
+        facts.add_nodes_from([x, y])
+        assert all(g.has_edge(a, b) for a, b in facts.edges)  # every fact is true
+        for a, b in facts.edges:  # ... and in the prompt
+            assert f"- {label(a)} is a kind of {label(b)}." in ex["prompt"]
+        gx, fx = _dist(g, x), _dist(facts, x)
+        if m["task"] == "isa":
+            want = "Yes" if y in gx else "No"
+            assert (y in fx) == (y in gx)  # the facts decide it as the whole graph does
+        elif m["task"] == "hops":
+            want = str(gx[y])
+            assert fx[y] == gx[y] <= 4
+        elif m["task"] == "more_specific":
+            want = label(x) if y in gx else label(y)
+            assert (y in gx) != (x in _dist(g, y))
+        else:
+            gy = _dist(g, y)
+            common = [a for a in gx if a in gy]
+            want = label(min(common, key=lambda a: (gx[a] + gy[a], max(gx[a], gy[a]), label(a))))
+            fy = _dist(facts, y)
+            fcommon = [a for a in fx if a in fy]
+            assert label(min(fcommon, key=lambda a: (fx[a] + fy[a], max(fx[a], fy[a]), label(a)))) == want
+        assert m["answer"] == want, (m["task"], m["question"])
+        assert ex["chosen"].rsplit("<|/thinking|>", 1)[1].strip() == want
+        assert ex["prompt"].endswith(m["question"].splitlines()[-1] if "\n" in m["question"] else ex["prompt"][-60:])
+    assert seen == set(KINDS)
+
+
+def test_chosen_relations_are_true_and_rejected_has_one_false_step(graph, examples):
+    g = _isa(graph)
+    by_label = {graph.label(n): n for n in g.nodes}
+    true = lambda a, b: a in by_label and b in by_label and by_label[b] in _dist(g, by_label[a])  # noqa: E731
+    for ex in examples:
+        m = ex["meta"]
+        stated = _stated(ex["chosen"], by_label)
+        assert stated and all(true(a, b) for a, b in stated), stated
+        assert {(graph.label(a), graph.label(b)) for a, b in m["relations"]} <= set(stated)
+        fa, fb = m["false_relation"]
+        assert fb not in _dist(g, fa)  # not even true through other steps
+        steps = _thinking(ex["rejected"]).split("**Reasoning Steps**:")[1].strip().splitlines()
+        first_false = next(i for i, line in enumerate(steps, 1)
+                           if (mm := _SENT.match(line)) and not true(mm.group(1), mm.group(2)))
+        assert first_false == m["error_step"], (m["task"], steps)  # every step before the error is true
+        assert steps[first_false - 1].endswith(f"{graph.label(fa)} is a kind of {graph.label(fb)}.")
+        kg = [(a, b) for a, b in _stated(ex["rejected"].split("**Reasoning Steps**")[0] + "<|/thinking|>", by_label)]
+        assert [(a, b) for a, b in kg if not true(a, b)] == [(graph.label(fa), graph.label(fb))]
+        answer = ex["rejected"].rsplit("<|/thinking|>", 1)[1].strip()
+        assert answer == m["rejected_answer"] and not check(answer, m["answer"])
+
+
+def test_heldout_concepts_never_occur_in_training(teacher, examples):
+    train = [e for e in examples if not e["meta"]["heldout"]]
+    held = [e for e in examples if e["meta"]["heldout"]]
+    assert len(held) == 24 and all(e["meta"]["concepts"][0] in teacher.heldout for e in held)
+    used = {n for e in train for key in ("concepts", "facts", "relations") for x in e["meta"][key]
+            for n in (x if isinstance(x, list) else [x])}
+    used |= {n for e in train for n in e["meta"]["false_relation"]}
+    assert not used & teacher.heldout
+    assert not {e["meta"]["concepts"][0] for e in held} & used
+    other = ReasoningTeacher(teacher.h.graph, seed=9)
+    assert other.heldout == teacher.heldout  # one held-out set for every seed and run
+    assert teacher.example(5) == ReasoningTeacher(teacher.h.graph, seed=3).example(5)
+    assert other.example(5) != teacher.example(5)
+
+
+def test_check_is_exact_up_to_case_and_punctuation():
+    assert check("Yes.", "Yes") and check(" yes\nbecause ...", "Yes") and check("Tarsal  skeleton!", "tarsal skeleton")
+    assert not check("No", "Yes") and not check("3 steps", "3") and not check("", "Yes")
+
+
+def test_datagen_writes_reasoning_pairs(graph, tmp_path):
+    from preflexor.data import read_pairs
+    from preflexor.datagen import generate_pairs
+
+    t = ReasoningTeacher(graph, seed=1)
+    recs = generate_pairs(4, t, [], [], graph, rejected_source="teacher_incorrect", out_path=tmp_path / "p.jsonl",
+                          progress=False)
+    assert [r["meta"]["index"] for r in recs] == [0, 1, 2, 3] and read_pairs(tmp_path / "p.jsonl")[0] == recs
+    for r in recs:
+        assert r["prompt"].startswith("Facts:\n") and r["prompt"].endswith(" Use <|thinking|>.")
+        assert r["meta"]["question"] + " Use <|thinking|>." == r["prompt"] and r["rejected"] != r["chosen"]
