@@ -21,6 +21,7 @@ recorded in `ReasoningResult.issues` and the run carries on with a documented fa
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -254,6 +255,100 @@ class _Run:
     def show(self, what: str, rnd: int, text: str | None) -> None:
         if self.on_step is not None and text is not None:
             self.on_step(what, rnd, text)
+
+
+class GraphCritic:
+    """An offline critic grounded in the knowledge graph (`--critic graph`): the critique lists every is-a statement
+    of the thinking that the graph does not support, with the concept's true parents; the rewrite replaces those
+    lines (a false relation gets a true parent, preferring one the thinking mentions; a false conclusion is negated;
+    an unknown concept's line is dropped) and keeps every other line; the integration is the most frequent first
+    answer line (the latest at a tie). It answers the critic prompts of this module through `chat`, so it drops into
+    `recursive_thinking` / `recursive_reflection` unchanged; the same steps are plain methods for batched use."""
+
+    name = "graph"
+
+    def __init__(self, graph):
+        from preflexor.tasks import RelationChecker
+
+        self.rc = graph if isinstance(graph, RelationChecker) else RelationChecker(graph)
+
+    def _wrong(self, thinking: str) -> list[dict]:
+        from preflexor.tasks import stated_relations
+
+        return [r for r in stated_relations(thinking) if not self.rc.true(r)]
+
+    def critique(self, question: str, thinking: str) -> str:
+        wrong = self._wrong(thinking)
+        if not wrong:
+            return "Every stated is-a relation is true in the knowledge graph."
+        out = []
+        for r in wrong:
+            stated = f"{r['child']} is {'not ' * r['negated']}a kind of {r['parent']}"
+            if self.rc.holds(r["child"], r["parent"]) is None:
+                why = "a concept of it is not in the knowledge graph"
+            elif r["negated"]:
+                why = f"{r['child']} is a kind of {r['parent']}"
+            else:
+                why = f"{r['child']} is a kind of {', '.join(self.rc.parents(r['child'])) or 'nothing recorded'}"
+            out.append(f"- line {r['line'] + 1}: \"{stated}\" is false in the knowledge graph: {why}.")
+        return "False steps:\n" + "\n".join(out)
+
+    def improve(self, thinking: str, feedback: str = "") -> str:
+        """The thinking with every unsupported is-a line rewritten (the check is redone here, not read from the
+        feedback, so any critique text works)."""
+        lines = thinking.splitlines()
+        for r in reversed(self._wrong(thinking)):
+            line, i = lines[r["line"]], r["line"]
+            known = self.rc.holds(r["child"], r["parent"]) is not None
+            parents = self.rc.parents(r["child"])
+            if r["negated"] and known:  # "X is not a kind of Y" where it is
+                lines[i] = re.sub(r"\bis not a kind of\b", "is a kind of", line, count=1)
+            elif known and re.match(r"^\s*(\d+\.\s*)?So\b", line):  # a false conclusion: negate it
+                lines[i] = re.sub(r"\bis a kind of\b", "is not a kind of", line, count=1)
+            elif known and parents:  # a false relation: a true parent instead, one the thinking mentions if any
+                p = next((x for x in parents if x.lower() in thinking.lower()), parents[0])
+                lines[i] = (f"[{r['child']}] -[is_a]-> [{p}]" if line.lstrip().startswith("[")
+                            else re.sub(r"is a kind of .*$", f"is a kind of {p}.", line, count=1))
+            else:
+                lines[i] = None
+        return "\n".join(x for x in lines if x is not None)
+
+    @staticmethod
+    def integrate(question: str, answers: list[str]) -> str:
+        firsts = [a.strip().splitlines()[0].strip() for a in answers if a.strip()]
+        if not firsts:
+            return ""
+        counts = {}
+        for k, a in enumerate(firsts):
+            key = " ".join(re.sub(r"[^\w]+", " ", a).lower().split())
+            counts[key] = (counts.get(key, (0, 0, a))[0] + 1, k, a)
+        return max(counts.values())[2]
+
+    def chat(self, messages: list[dict], temperature: float = 0.1, max_tokens: int = 512,
+             assistant_prefix: str = "") -> GenerationOut:
+        t0, user = time.perf_counter(), messages[-1]["content"]
+        if m := _CRITIQUE_RE.search(user):
+            text = self.critique(m["question"], m["thinking"])
+        elif m := _IMPROVE_RE.search(user):
+            text = self.improve(m["thinking"], m["feedback"])
+        elif m := _INTEGRATE_RE.search(user):
+            text = self.integrate(m["question"], _CANDIDATE_RE.findall(m["answers"]))
+        else:
+            raise UserError("the graph critic answers only the critique, rewrite and integration prompts")
+        return GenerationOut(text, 0, 0, time.perf_counter() - t0, "stop")
+
+
+def _template_re(template: str, **groups: str) -> re.Pattern:
+    """A regex matching `template` with its {fields} captured (named groups); the rest is literal."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{groups.get(p, '.*?')})"
+                              for k, p in enumerate(parts)) + "$", re.DOTALL)
+
+
+_CRITIQUE_RE = _template_re(CRITIQUE_PROMPT)
+_IMPROVE_RE = _template_re(IMPROVE_PROMPT)
+_INTEGRATE_RE = _template_re(INTEGRATE_PROMPT, n=r"\d+")
+_CANDIDATE_RE = re.compile(r"Candidate answer \d+:\n(.*?)(?=\n\nCandidate answer \d+:\n|\Z)", re.DOTALL)
 
 
 def _question_messages(question: str, system: str | None) -> list[dict]:

@@ -22,11 +22,12 @@ from collections import deque
 
 from preflexor.errors import UserError
 from preflexor.graph import IS_A
-from preflexor.thinking import assemble_thinking
+from preflexor.thinking import TRIGGER, assemble_thinking
 
 KINDS = ("isa", "common_ancestor", "more_specific", "hops")
 HELDOUT_START = 1_000_000  # example indices from here on are held out (datagen.PairSource's held-out range)
 FACT = "{} is a kind of {}."
+MAX_RELATIONS = 8  # at most this many relations in a chosen thinking (it stays under ~350 tokens)
 _NORM = re.compile(r"[^\w]+")
 
 
@@ -101,9 +102,11 @@ def lowest_common_ancestor(h: Hierarchy, x: str, y: str, edges=None) -> str | No
 
 
 def check(answer: str, gold: str) -> bool:
-    """Exact-answer check: the answer's first line equals the gold answer up to case, spaces and punctuation."""
+    """Exact-answer check: the answer's first line, or its first clause ("No, because ..." -> "No"), equals the gold
+    answer up to case, spaces and punctuation."""
     first = (answer or "").strip().splitlines()[0] if (answer or "").strip() else ""
-    return _NORM.sub(" ", first).strip().lower() == _NORM.sub(" ", gold).strip().lower()
+    norm = lambda s: _NORM.sub(" ", s).strip().lower()  # noqa: E731
+    return norm(gold) in (norm(first), norm(re.split(r"[.,;:!?]", first, maxsplit=1)[0]))
 
 
 class ReasoningTeacher:
@@ -222,6 +225,8 @@ class ReasoningTeacher:
                 others = sorted(a for a in h.children if a not in up and a != x and a not in self.heldout)
                 y = rng.choice(others)
                 needed = self._closure(x, min(d, 2))
+                if len(needed) > MAX_RELATIONS - 2:
+                    return None  # a short thinking: the evaluation's generation budget must fit it
                 reached = sorted(h.ancestors(x, set(needed)), key=lambda a: (up[a], L(a)))
                 relations = list(needed)
                 steps = [self._fact_line(e) for e in needed] + [
@@ -286,3 +291,76 @@ class ReasoningTeacher:
                 "facts": [list(e) for e in t["facts"]], "relations": [list(e) for e in t["relations"]],
                 "error_step": t["error_step"], "false_relation": list(t["bad"]), "focus": t["concepts"][0]}
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "meta": meta}
+
+
+EVAL_SEED = 0  # the evaluation set's seed: the same questions for every run, seed and ablation cell
+
+
+def answer_set(graph, n: int) -> list[dict]:
+    """The fixed held-out evaluation set: `n` examples about held-out concepts (never in training), written with
+    EVAL_SEED whatever the run's seed, each with its gold answer in meta; prompts carry the thinking trigger as the
+    training prompts do (meta.question is the prompt without it)."""
+    teacher, out = ReasoningTeacher(graph, seed=EVAL_SEED), []
+    for i in range(n):
+        ex = teacher.example(HELDOUT_START + i)
+        ex["meta"]["question"], ex["prompt"] = ex["prompt"], ex["prompt"] + TRIGGER
+        out.append(ex)
+    return out
+
+
+# -- Checking stated relations against the graph (thinking factuality, the grounded critic) ---------------------------
+_KG_LINE = re.compile(r"^\s*\[(.+?)\]\s*-\[is_a\]->\s*\[(.+?)\]\s*$")
+_STEP = re.compile(r"^\s*(?:\d+\.\s*)?(?:So\s+)?(.+?) is (not )?a kind of ([^:;]+?)\.?\s*(?:[:;].*)?$", re.IGNORECASE)
+
+
+def stated_relations(thinking: str) -> list[dict]:
+    """The is-a statements of a thinking block, in order: Knowledge Graph lines `[a] -[is_a]-> [b]` and step lines
+    `[k.] [So] a is [not] a kind of b.`, as {"line", "child", "parent", "negated"} (line = index in the block)."""
+    out = []
+    for i, line in enumerate((thinking or "").splitlines()):
+        m = _KG_LINE.match(line)
+        if m:
+            out.append({"line": i, "child": m[1].strip(), "parent": m[2].strip(), "negated": False})
+            continue
+        m = _STEP.match(line)
+        if m and ";" not in m[1]:  # "..., so X is a kind of Y." states X is a kind of Y
+            child = re.split(r",\s+so\s+", m[1], flags=re.IGNORECASE)[-1]
+            out.append({"line": i, "child": child.strip(), "parent": m[3].strip(), "negated": bool(m[2])})
+    return out
+
+
+class RelationChecker:
+    """Is a stated `child is (not) a kind of parent` true in the graph? Labels are matched up to case and spaces; an
+    unknown concept makes the statement false (the graph does not support it)."""
+
+    def __init__(self, graph):
+        self.h = graph if isinstance(graph, Hierarchy) else Hierarchy(graph)
+        self.nodes: dict[str, list[str]] = {}
+        for n in set(self.h.parents) | set(self.h.children):
+            self.nodes.setdefault(self._key(self.h.label(n)), []).append(n)
+
+    @staticmethod
+    def _key(label: str) -> str:
+        return " ".join(label.lower().split())
+
+    def find(self, label: str) -> list[str]:
+        return self.nodes.get(self._key(label), [])
+
+    def holds(self, child: str, parent: str) -> bool | None:
+        """True/False for a known pair of labels (is-a over any number of steps), None when a label is unknown."""
+        cs, ps = self.find(child), self.find(parent)
+        if not cs or not ps:
+            return None
+        return any(p in self.h.ancestors(c) for c in cs for p in ps)
+
+    def true(self, rel: dict) -> bool:
+        held = self.holds(rel["child"], rel["parent"])
+        return held is not None and held != rel["negated"]
+
+    def factuality(self, thinking: str) -> tuple[int, int]:
+        """(true, stated) is-a statements of a thinking block."""
+        rels = stated_relations(thinking)
+        return sum(self.true(r) for r in rels), len(rels)
+
+    def parents(self, child: str) -> list[str]:
+        return sorted({self.h.label(p) for c in self.find(child) for p in self.h.parents.get(c, ())})

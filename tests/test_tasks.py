@@ -134,7 +134,9 @@ def test_heldout_concepts_never_occur_in_training(teacher, examples):
 
 def test_check_is_exact_up_to_case_and_punctuation():
     assert check("Yes.", "Yes") and check(" yes\nbecause ...", "Yes") and check("Tarsal  skeleton!", "tarsal skeleton")
+    assert check("No, the facts never reach it.", "No") and check("1,2-diacylglycerol", "1,2-diacylglycerol")
     assert not check("No", "Yes") and not check("3 steps", "3") and not check("", "Yes")
+    assert not check("The answer is Yes", "Yes")
 
 
 def test_datagen_writes_reasoning_pairs(graph, tmp_path):
@@ -148,3 +150,65 @@ def test_datagen_writes_reasoning_pairs(graph, tmp_path):
     for r in recs:
         assert r["prompt"].startswith("Facts:\n") and r["prompt"].endswith(" Use <|thinking|>.")
         assert r["meta"]["question"] + " Use <|thinking|>." == r["prompt"] and r["rejected"] != r["chosen"]
+
+
+def test_answer_set_is_fixed_held_out_and_prompted_like_training(graph, teacher):
+    from preflexor.tasks import EVAL_SEED, answer_set
+
+    a, b = answer_set(graph, 24), answer_set(graph, 24)
+    assert a == b and len({r["meta"]["question"] for r in a}) == 24
+    assert all(r["meta"]["heldout"] and r["meta"]["seed"] == EVAL_SEED for r in a)
+    assert all(r["prompt"] == r["meta"]["question"] + " Use <|thinking|>." for r in a)
+    assert all(r["meta"]["concepts"][0] in teacher.heldout for r in a)
+
+
+def test_relation_checker_reads_every_stated_relation(graph, examples):
+    from preflexor.tasks import RelationChecker, stated_relations
+
+    rc = RelationChecker(graph)
+    by_label = {graph.label(n): n for n in _isa(graph).nodes}
+    for ex in examples:
+        t, w = _thinking(ex["chosen"]), _thinking(ex["rejected"])
+        assert [(r["child"], r["parent"]) for r in stated_relations(t) if not r["negated"]] == _stated(ex["chosen"],
+                                                                                                        by_label)
+        true, stated = rc.factuality(t)
+        assert stated > 0 and true == stated
+        fa, fb = ex["meta"]["false_relation"]
+        wrong = [r for r in stated_relations(w) if not rc.true(r)]
+        assert (graph.label(fa), graph.label(fb)) in {(r["child"], r["parent"]) for r in wrong}
+    assert stated_relations("3. So bone is not a kind of cartilage.") == [
+        {"line": 0, "child": "bone", "parent": "cartilage", "negated": True}]
+    assert rc.holds("no such concept", "cell") is None and not rc.true(
+        {"child": "no such concept", "parent": "cell", "negated": False})
+
+
+def test_graph_critic_fixes_the_false_steps_and_drives_recursive_thinking(graph, examples):
+    from preflexor.reasoning import GenerationOut, GraphCritic, expected_calls, recursive_thinking
+
+    critic = GraphCritic(graph)
+    for ex in examples:
+        w = _thinking(ex["rejected"]).strip()
+        critique = critic.critique(ex["meta"]["question"], w)
+        assert critique.startswith("False steps:")
+        fixed = critic.improve(w, critique)
+        true, stated = critic.rc.factuality(fixed)
+        assert true == stated and fixed != w
+        assert critic.improve(fixed) == fixed and critic.critique("q", fixed).startswith("Every stated")
+        right = _thinking(ex["chosen"]).strip()
+        assert critic.improve(right) == right  # true lines are kept as they are
+
+    ex, seen = examples[0], []
+
+    class Reasoner:  # writes the wrong-path response; re-answers "gold" once the thinking is all true
+        def chat(self, messages, temperature=0.1, max_tokens=512, assistant_prefix=""):
+            if not assistant_prefix:
+                return GenerationOut(ex["rejected"], 1, 1, 0.0, "stop")
+            seen.append(assistant_prefix)
+            ok = critic.rc.factuality(assistant_prefix)
+            return GenerationOut("\n" + (ex["meta"]["answer"] if ok[0] == ok[1] else "?"), 1, 1, 0.0, "stop")
+
+    res = recursive_thinking(ex["meta"]["question"], Reasoner(), critic, n_rounds=3)
+    assert res.n_calls == expected_calls("thinking", 3) and len(seen) == 2
+    assert res.answers == [ex["meta"]["rejected_answer"], ex["meta"]["answer"], ex["meta"]["answer"]]
+    assert check(res.final_answer, ex["meta"]["answer"])  # the majority of the three
+    assert critic.integrate("q", ["No", "Yes.", "yes"]) == "yes" and critic.integrate("q", ["A", "B"]) == "B"
