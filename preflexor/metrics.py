@@ -22,7 +22,8 @@ from preflexor.errors import UserError
 from preflexor.graph import IS_A, KnowledgeGraph
 from preflexor.runtime import shard_map
 from preflexor.sampler import generate_ex
-from preflexor.thinking import THINK_START, TRIGGER, FormatWatch, final_answer, split_thinking, strip_tags
+from preflexor.thinking import (THINK_START, TRIGGER, FormatWatch, final_answer, split_thinking, strip_tags,
+                                thinking_prefix)
 from preflexor.utils import append_jsonl, save_png
 
 _WORD = re.compile(r"[^\W_]+")  # letters and digits; punctuation and underscores separate words
@@ -125,17 +126,133 @@ def format_rate(model, tok, prompts: list[str], max_new_tokens: int = 128, syste
                         for p, t, q, g in zip(prompts, texts, parsed, gens["rows"])]}
 
 
+def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of `values` (resampled `n` times, a fixed seed)."""
+    if not values:
+        return [float("nan"), float("nan")]
+    t = torch.tensor([float(v) for v in values])
+    idx = torch.randint(0, len(t), (n, len(t)), generator=torch.Generator().manual_seed(seed))
+    means = t[idx].mean(dim=1).sort().values
+    lo, hi = int((1 - level) / 2 * n), int((1 + level) / 2 * n) - 1
+    return [round(float(means[lo]), 4), round(float(means[hi]), 4)]
+
+
+def answer_accuracy(model, tok, prompts: list[str], golds: list[str], max_new_tokens: int,
+                    system: str | None = None, batch_size: int = 16, rt=None, checker=None) -> dict:
+    """Exact-answer accuracy of greedy responses (the text after the thinking, `tasks.check` against the gold
+    answer) with a bootstrap 95% interval, plus the format, opens-thinking and truncated rates of the same responses
+    and, with a `tasks.RelationChecker`, the thinking's factuality (true / stated is-a relations over all answers).
+    Nothing stops early: a model that answers without thinking is scored on its answer. Under torchrun each rank
+    answers its share."""
+    from preflexor.tasks import check
+
+    def answer(ps: list[str]) -> list:
+        return generate_responses(model, tok, ps, max_new_tokens, system, batch_size, desc="answers")["rows"]
+
+    rows = shard_map(answer, list(prompts), rt) if rt is not None else answer(list(prompts))
+    texts = [r["response"] for r in rows]
+    ok = [float(check(final_answer(t), g)) for t, g in zip(texts, golds)]
+    return {"exact_accuracy": sum(ok) / max(len(ok), 1), "ci95": bootstrap_ci(ok), "n": len(ok),
+            "format_rate": _mean([float(split_thinking(t)["well_formed"]) for t in texts]),
+            "opens_thinking_rate": _mean([float(t.lstrip().startswith(THINK_START)) for t in texts]),
+            "truncated_rate": _mean([float(r["n_tokens"] >= max_new_tokens) for r in rows]),
+            "factuality": _factuality(checker, texts),
+            "samples": [{"prompt": p, "response": t, "gold": g, "correct": bool(c)}
+                        for p, t, g, c in zip(prompts, texts, golds, ok)]}
+
+
+def _factuality(checker, texts: list[str]) -> float | None:
+    if checker is None:
+        return None
+    counts = [checker.factuality(split_thinking(t)["thinking"] or "") for t in texts]
+    stated = sum(n for _, n in counts)
+    return round(sum(k for k, _ in counts) / stated, 4) if stated else None
+
+
+def thinking_probe(model, tok, examples: list[dict], max_new_tokens: int = 48, system: str | None = None,
+                   batch_size: int = 16) -> dict:
+    """Does the answer follow the thinking? For each example (a `tasks` record) the answer is generated twice with a
+    complete thinking block pre-filled: the correct one (chosen) and a decoy that follows a wrong path to the wrong
+    answer (rejected). `follows_correct` = exact accuracy under the correct thinking, `follows_decoy` = share that
+    gives the decoy's answer under the decoy, `gold_under_decoy` = share that still gives the gold answer; each with
+    a bootstrap 95% interval."""
+    from preflexor.tasks import check
+
+    prompts = [r["prompt"] for r in examples]
+    out = {"n": len(examples)}
+    for side in ("chosen", "rejected"):
+        pre = [thinking_prefix(split_thinking(r[side])["thinking"] or "") for r in examples]
+        rows = generate_responses(model, tok, prompts, max_new_tokens, system, batch_size, prefixes=pre,
+                                  desc=f"probe ({side} thinking)")["rows"]
+        ans = [r["response"].strip() for r in rows]
+        gold = [float(check(a, r["meta"]["answer"])) for a, r in zip(ans, examples)]
+        if side == "chosen":
+            out["follows_correct"], out["follows_correct_ci95"] = _mean(gold), bootstrap_ci(gold)
+        else:
+            decoy = [float(check(a, r["meta"]["rejected_answer"])) for a, r in zip(ans, examples)]
+            out["follows_decoy"], out["follows_decoy_ci95"] = _mean(decoy), bootstrap_ci(decoy)
+            out["gold_under_decoy"], out["gold_under_decoy_ci95"] = _mean(gold), bootstrap_ci(gold)
+        out[f"samples_{side}"] = ans[:8]
+    return out
+
+
+def recursion_accuracy(model, tok, examples: list[dict], critic, rounds: int = 3, max_new_tokens: int = 384,
+                       answer_tokens: int = 48, system: str | None = None, batch_size: int = 16,
+                       first: list[str] | None = None) -> dict:
+    """Exact accuracy of recursive reasoning against the number of answers N = 1..rounds, with and without the
+    critic's integration, batched: the steps of `reasoning.recursive_thinking` (round 0 answers, then per round the
+    critic's critique and rewrite of the thinking and a greedy re-answer with the rewrite pre-filled; integration of
+    answers 1..N) run for all examples at once. `critic` has `critique`, `improve` and `integrate` methods
+    (`reasoning.GraphCritic`); `first` = round-0 responses already generated (greedy). Also the thinking's
+    factuality per round when the critic has a relation checker."""
+    from preflexor.tasks import check
+
+    prompts, golds = [r["prompt"] for r in examples], [r["meta"]["answer"] for r in examples]
+    if first is None:
+        first = [x["response"] for x in generate_responses(model, tok, prompts, max_new_tokens, system,
+                                                            batch_size, desc="answers")["rows"]]
+    parts = [split_thinking(t) for t in first]
+    thinking = [p["thinking"] if p["thinking"] is not None else strip_tags(t) for p, t in zip(parts, first)]
+    answers = [[final_answer(t)] for t in first]
+    fact = []
+    for n in range(1, rounds + 1):
+        fact.append(_factuality(getattr(critic, "rc", None), [thinking_prefix(t) for t in thinking]))
+        if n == rounds:
+            break
+        thinking = [critic.improve(t, critic.critique(r["meta"]["question"], t)) for t, r in zip(thinking, examples)]
+        rows = generate_responses(model, tok, prompts, answer_tokens, system, batch_size,
+                                  prefixes=[thinking_prefix(t) for t in thinking], desc=f"round {n + 1}")["rows"]
+        for a, row in zip(answers, rows):
+            a.append(strip_tags(row["response"]).strip())
+    table = []
+    for n in range(1, rounds + 1):
+        last = [float(check(a[n - 1], g)) for a, g in zip(answers, golds)]
+        merged = [float(check(critic.integrate(r["meta"]["question"], a[:n]), g))
+                  for a, g, r in zip(answers, golds, examples)]
+        table.append({"N": n, "accuracy": _mean(last), "ci95": bootstrap_ci(last), "integrated": _mean(merged),
+                      "integrated_ci95": bootstrap_ci(merged), "factuality": fact[n - 1]})
+    return {"n": len(examples), "rounds": table}
+
+
 @torch.no_grad()
 def generate_responses(model, tok, prompts: Sequence[str], max_new_tokens: int, system: str | None = None,
-                       batch_size: int = 8, stop_when_malformed: bool = False) -> dict:
+                       batch_size: int = 8, stop_when_malformed: bool = False,
+                       prefixes: Sequence[str] | None = None, desc: str | None = None) -> dict:
     """Greedy responses, batched through the sampler: `{"rows": [{"response", "n_tokens", "stopped_early"}],
     "tokens_per_s", "seconds"}`. Tokens per second = generated tokens / wall time of the batched generation.
-    `stop_when_malformed` ends rows that can no longer be well formed (see `format_rate`)."""
+    `stop_when_malformed` ends rows that can no longer be well formed (see `format_rate`). `prefixes`: text that
+    starts each assistant turn (e.g. an injected thinking block); the response is the continuation only. `desc`: a
+    progress bar over the prompts under that name."""
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     rows, n_tokens, t0 = [], 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="answer", dynamic_ncols=True, disable=desc is None)
     for i in range(0, len(prompts), batch_size):
         ids = [question_prompt_ids(tok, p, system) for p in prompts[i:i + batch_size]]
+        if prefixes is not None:
+            ids = [x + tok.encode(f, allow_special=True) for x, f in zip(ids, prefixes[i:i + batch_size])]
         room = model.config.max_position_embeddings - max(len(x) for x in ids)
         if room < 1:
             raise UserError(f"a prompt of {max(len(x) for x in ids)} tokens does not fit the model's context")
@@ -146,6 +263,8 @@ def generate_responses(model, tok, prompts: Sequence[str], max_new_tokens: int, 
             n_tokens += len(o[0])
             rows.append({"response": tok.decode(o[0], skip_special=True), "n_tokens": len(o[0]),
                          "stopped_early": bool(watch and watch.stopped[r])})
+        bar.update(len(ids))
+    bar.close()
     model.train(was_training)
     dt = time.perf_counter() - t0
     return {"rows": rows, "tokens_per_s": n_tokens / dt if dt > 0 else 0.0, "seconds": dt}
