@@ -27,12 +27,13 @@ from preflexor.datagen import PairSource
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.losses import get_loss
 from preflexor.lora import apply_lora, merge_lora, print_trainable, train_new_token_rows
-from preflexor.metrics import MetricsLog, format_rate, plot_metrics
+from preflexor.metrics import MetricsLog, answer_accuracy, format_rate, plot_metrics
 from preflexor.optim import build_optimizer, lr_factor, set_lr
 from preflexor.peft_io import save_adapter
 from preflexor.preference import evaluate_pairs, preference_loss
 from preflexor.resume import resume_point, rng_states, save_checkpoint
 from preflexor.runtime import all_reduce_grads, all_reduce_mean, seed_everything, setup_runtime
+from preflexor.tasks import RelationChecker
 from preflexor.utils import atomic_write_json, git_hash
 
 
@@ -80,7 +81,16 @@ def main(argv: list[str] | None = None) -> dict:
             return None
         return format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt, rt=rt)
 
-    before = format_check()
+    graded = source.answer_set(tc.eval_answers)  # the fixed evaluation set: held-out concepts, gold answers
+
+    def answer_check() -> dict | None:  # exact-answer accuracy of greedy answers (nothing stops early)
+        if not graded:
+            return None
+        return answer_accuracy(model, tok, [r["prompt"] for r in graded], [r["meta"]["answer"] for r in graded],
+                               tc.eval_answer_tokens, cfg.data.system_prompt, rt=rt,
+                               checker=RelationChecker(source.graph()))
+
+    before, answers_before = format_check(), answer_check()
 
     # --- optimizer, log, resume -------------------------------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                 idx = take_items(len(examples), tc.seed + it, state["position"], tc.batch_size * rt.world)
                 idx = idx[rt.rank * tc.batch_size:(rt.rank + 1) * tc.batch_size]
                 state["position"] += tc.batch_size * rt.world
-                batch = collate_pairs([examples[i] for i in idx], tok.pad_id)
+                batch = collate_pairs([examples[i] for i in idx], tok.pad_id, nll_prompt=lc.nll_prompt)
                 losses, m = preference_loss(model, batch, lc, rt)  # ORPO: NLL + beta * odds-ratio term
                 (losses.mean() / tc.grad_accum).backward()
                 for k, v in {"loss": losses, **m}.items():
@@ -156,14 +166,20 @@ def main(argv: list[str] | None = None) -> dict:
         last_eval = run_eval(state["global_step"])
 
     # --- after training: the format rate again, summary, adapter and merged model (main rank) -----------------
-    after = format_check()
-    summary = {"eval": last_eval, "format_before": before, "format_after": after}
+    after, answers_after = format_check(), answer_check()
+    summary = {"eval": last_eval, "format_before": before, "format_after": after, "answers_before": answers_before,
+               "answers_after": answers_after}
     if not rt.main:
         return summary
     plot_metrics(metrics.read(), out_dir / "curves.png")
     if before and after:
         print(f"thinking-format rate: before {before['format_rate']:.2f} -> after {after['format_rate']:.2f} "
               f"(opens with <|thinking|>: {before['opens_thinking_rate']:.2f} -> {after['opens_thinking_rate']:.2f})")
+    if answers_before and answers_after:
+        print(f"held-out exact accuracy: before {answers_before['exact_accuracy']:.3f} {answers_before['ci95']} -> "
+              f"after {answers_after['exact_accuracy']:.3f} {answers_after['ci95']} (n {answers_after['n']}); "
+              f"format {answers_before['format_rate']:.2f} -> {answers_after['format_rate']:.2f}, truncated "
+              f"{answers_before['truncated_rate']:.2f} -> {answers_after['truncated_rate']:.2f}")
     print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()))
     save_adapter(model, out_dir / "final" / "adapter", base_model_name_or_path=cfg.model.source)
     if tc.save_merged:

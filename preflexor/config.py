@@ -50,7 +50,10 @@ class DataConfig:
     teacher_model: str = "default"
     teacher_source: str | None = None  # checkpoint for the local teacher
     rejected_source: str = "model"  # model | teacher_incorrect
-    kg_triples: int = 8  # graph triples in the Knowledge Graph thinking section
+    kg_triples: int = 8  # graph triples in the Knowledge Graph thinking section; 0 = no such section (the paper's six)
+    topics: list[str] | None = None  # instead of random chunks: the context retrieved for each topic in turn
+    context_chunks: int = 3  # random chunks a question is drawn from (the reference takes 3)
+    retrieve_k: int = 3  # chunks retrieved over the whole corpus for the question (retrieval: none = no enrichment)
     section_lines: int | None = None  # grounded teacher: at most this many lines per thinking section (short data)
     pairs_per_iteration: int = 16
     heldout_pairs: int = 16
@@ -70,6 +73,7 @@ class LossConfig:
     keep_delimiter: bool = True
     mask_fraction: float = 0.2
     precompute_ref: bool = False  # stage 2: reference log-probs once per generated batch
+    nll_prompt: bool = False  # ORPO's NLL over prompt + response (TRL, the official code); ours: the response only
     params: dict = field(default_factory=dict)
 
     @staticmethod
@@ -110,6 +114,8 @@ class TrainConfig:
     log_every: int = 1
     eval_generations: int = 8  # held-out greedy generations for the thinking-format rate
     eval_max_new_tokens: int = 96
+    eval_answers: int = 0  # held-out questions with a gold answer (teacher reasoning) scored exactly, before and after
+    eval_answer_tokens: int = 256  # their generation budget (room for the thinking)
     save_merged: bool = True
 
 

@@ -196,14 +196,16 @@ def thinking_mask(response_ids: Sequence[int] | torch.Tensor, mode: str, think_s
 
 # -- Collation ---------------------------------------------------------------------------------------------------------
 
-def collate_pairs(batch: list[dict], pad_id: int) -> dict:
+def collate_pairs(batch: list[dict], pad_id: int, nll_prompt: bool = False) -> dict:
     """Right-padded tensors for one forward over chosen rows then rejected rows ([2B, T], split with `chunk(2)`).
 
     Alignment: `labels[:, t]` is the target of the logits at position t (input_ids shifted left by one), -100 at prompt,
     padding and thinking-masked tokens, so `token_logps(hidden, W, labels)` needs no further shift. Also returns
     `targets` (the shifted ids with -100 only at prompt and padding), `loss_mask = labels != -100`, `nll_mask` (every
     chosen response token, ignoring thinking masks, for ORPO's NLL; False on rejected rows), `attention_mask`,
-    `prompt_lens` and `response_lens` ([2B]).
+    `prompt_lens` and `response_lens` ([2B]). `nll_prompt` (TRL's and the official ORPO code's NLL, over prompt +
+    response): `prompt_targets` holds the chosen rows' shifted prompt tokens (-100 elsewhere) and `nll_mask` covers
+    them too.
     """
     B = len(batch)
     if B == 0:
@@ -220,6 +222,7 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict:
     labels = torch.full((2 * B, T), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((2 * B, T), dtype=torch.bool)
     nll_mask = torch.zeros((2 * B, T), dtype=torch.bool)
+    prompt_targets = torch.full((2 * B, T), IGNORE_INDEX, dtype=torch.long) if nll_prompt else None
     prompt_lens = torch.zeros(2 * B, dtype=torch.long)
     response_lens = torch.zeros(2 * B, dtype=torch.long)
     for i, (p, r, m, is_chosen) in enumerate(rows):
@@ -234,10 +237,16 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict:
         labels[i, P - 1:P + R - 1] = torch.where(torch.tensor(list(m), dtype=torch.bool), resp, IGNORE_INDEX)
         if is_chosen:
             nll_mask[i, P - 1:P + R - 1] = True
+            if nll_prompt:  # prompt token j + 1 is predicted at position j
+                prompt_targets[i, :P - 1] = torch.tensor(list(p[1:]), dtype=torch.long)
+                nll_mask[i, :P - 1] = True
         prompt_lens[i], response_lens[i] = P, R
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "targets": targets,
-            "loss_mask": labels != IGNORE_INDEX, "nll_mask": nll_mask, "prompt_lens": prompt_lens,
-            "response_lens": response_lens}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "targets": targets,
+           "loss_mask": labels != IGNORE_INDEX, "nll_mask": nll_mask, "prompt_lens": prompt_lens,
+           "response_lens": response_lens}
+    if nll_prompt:
+        out["prompt_targets"] = prompt_targets
+    return out
 
 
 # -- Data order --------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@
 Records are JSONL `{"prompt", "chosen", "rejected", "meta"}` with provenance in meta, appended line by line with
 fsync; a rerun keeps the valid lines (a torn last line is cut away) and continues from their count. Every example is
 seeded from (seed, index), so a rerun writes the same examples and no index twice. `PairSource` is the training
-scripts' view: a fixed JSONL, or the active loop's fresh pairs every iteration.
+scripts' view: a fixed JSONL, or the active loop's fresh pairs every iteration. The knowledge graph is an output too
+(`save_graph`): next to the pairs (`<out stem>_graph/`) and in a run's `data/graph/` after every iteration.
 
 CLI: python -m preflexor.datagen --out data/pairs.jsonl --n 64 [--config configs/data.yaml] [key=value ...]
 """
@@ -34,7 +35,7 @@ from preflexor.data import load_pairs, validate_record
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.fast import cpu_infer
 from preflexor.graph import format_triples
-from preflexor.tasks import HELDOUT_START
+from preflexor.tasks import HELDOUT_START, answer_set
 from preflexor.teacher import BACKGROUND, CATEGORIES, KNOWLEDGE_GRAPH, ChatTeacher, format_context, stable_rng
 from preflexor.thinking import TRIGGER, assemble_thinking
 from preflexor.utils import append_jsonl, atomic_write_text
@@ -54,7 +55,7 @@ class DatagenConfig:
     retrieve_k: int = 3  # chunks retrieved for the question (enrichment)
     context_chunks: int = 3  # random chunks the question is drawn from (the reference takes 3)
     topics: list[str] | None = None  # instead of random chunks: retrieve the context for each topic in turn
-    kg_triples: int = 8  # at most this many graph triples in the Knowledge Graph section
+    kg_triples: int = 8  # at most this many graph triples in the Knowledge Graph section; 0 = no such section
     section_lines: int | None = None  # grounded teacher: at most this many lines per thinking section
     teacher: str = "grounded"  # grounded | http | local
     teacher_url: str = "http://127.0.0.1:8000/v1"
@@ -110,11 +111,13 @@ def teacher_part(i: int, teacher, chunks, graph, retriever, seed: int, topics=No
     ctx_ids = {c.chunk_id for c in ctx}
     retrieved = [] if retriever is None else \
         [c for c, _ in retriever.search(question, retrieve_k + len(ctx)) if c.chunk_id not in ctx_ids][:retrieve_k]
-    # the knowledge graph adds the neighbourhood of the question's concepts
+    # the knowledge graph adds the neighbourhood of the question's concepts (its chunks only with retrieval on: no
+    # retriever = the reference's use_rag=False, the context is the drawn chunks alone)
     with lock:
         concepts, triples, graph_chunk_ids = graph_context(graph, question, kg_triples)
-    graph_chunks = [by_id[cid] for cid in graph_chunk_ids if cid in by_id and cid not in ctx_ids
-                    and cid not in {c.chunk_id for c in retrieved}]
+    graph_chunks = [] if retriever is None else \
+        [by_id[cid] for cid in graph_chunk_ids if cid in by_id and cid not in ctx_ids
+         and cid not in {c.chunk_id for c in retrieved}]
     context = format_context(ctx)
     if retrieved or graph_chunks:
         context += "\n\nAdditional information:\n" + format_context(retrieved + graph_chunks)
@@ -125,7 +128,8 @@ def teacher_part(i: int, teacher, chunks, graph, retriever, seed: int, topics=No
             added = graph.add_triples(format_triples(kg), [c.chunk_id for c in ctx], f"teacher:{teacher.name}")
             kg = [(graph.label(u), r, graph.label(v)) for u, r, v in added]
     kg = list(dict.fromkeys(kg))[:kg_triples] or triples
-    ordered = {KNOWLEDGE_GRAPH: format_triples(kg) if kg else "(no known relations)"}
+    # kg_triples 0: no Knowledge Graph section, the reference's six sections (PRefLexOR before Graph-PRefLexOR)
+    ordered = {KNOWLEDGE_GRAPH: format_triples(kg) if kg else "(no known relations)"} if kg_triples > 0 else {}
     ordered.update({name: sections.get(name, "") for name in [*CATEGORIES, BACKGROUND]})
     thinking = assemble_thinking(ordered)
     answer = teacher.answer(question, context, thinking).strip()
@@ -403,10 +407,31 @@ def main(argv: list[str] | None = None) -> None:
                              run_settings={"corpus": cfg.corpus, "chunking": [cfg.chunk_size, cfg.chunk_overlap],
                                            "model": cfg.model if cfg.rejected == "model" else None})
     dt = time.perf_counter() - t1
+    out_path = Path(args.out)
+    save_graph(graph, out_path.with_name(out_path.stem + "_graph"), records, step=f"{len(records)} pairs")
     new = len(records) - min(before, len(records))
     print(json.dumps({"out": str(args.out), "pairs": len(records), "new": new, "setup_s": round(t_setup, 2),
                       "gen_s": round(dt, 2), "pairs_per_s": round(new / dt, 2) if dt > 0 and new else None,
                       "config": asdict(cfg)}))
+
+
+def save_graph(graph, out: Path, records: Sequence[dict] = (), n_png: int = 3, step: str = "") -> dict:
+    """The knowledge graph a run built and used, into the folder `out`: graph.graphml and graph.json (replaced
+    whole), a PNG of the 1-hop neighbourhood of the first `n_png` concepts asked about in `records`
+    (meta.concepts), and one line per call in growth.jsonl (nodes, edges, chunks; `step` names the call, e.g. the
+    active loop's iteration), so the graph's growth across iterations stays visible."""
+    out.mkdir(parents=True, exist_ok=True)
+    graph.to_graphml(out / "graph.graphml")
+    graph.to_json(out / "graph.json")
+    asked = list(dict.fromkeys(c for r in records for c in (r.get("meta") or {}).get("concepts", [])))
+    pngs = []
+    for c in [c for c in asked if graph.resolve(c) is not None][:n_png]:
+        name = "".join(ch if ch.isalnum() else "_" for ch in graph.label(graph.resolve(c)).lower())[:60]
+        graph.draw_neighbourhood_png(c, out / f"neighbourhood_{name}.png")
+        pngs.append(f"neighbourhood_{name}.png")
+    summary = {"step": step, **graph.summary(), "pngs": pngs}
+    append_jsonl(out / "growth.jsonl", summary)
+    return summary
 
 
 class PairSource:
@@ -450,7 +475,8 @@ class PairSource:
         records = generate_pairs(len(range(start_index + rt.rank, start_index + n, rt.world)), teacher, docs, chunks,
                                  graph, retriever, rejected_source=dc.rejected_source, model=self.model,
                                  tokenizer=self.tok, out_path=shard, seed=dc.seed, start_index=start_index + rt.rank,
-                                 stride=rt.world, stage=self.stage, kg_triples=dc.kg_triples,
+                                 stride=rt.world, stage=self.stage, topics=dc.topics,
+                                 context_chunks=dc.context_chunks, retrieve_k=dc.retrieve_k, kg_triples=dc.kg_triples,
                                  max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_k=sc.top_k,
                                  top_p=sc.top_p, system_prompt=dc.system_prompt, progress=rt.main)
         self.model.train(was_training)
@@ -468,6 +494,26 @@ class PairSource:
         shard.unlink(missing_ok=True)
         return merged
 
+    def graph(self):
+        """The run's knowledge graph (the active loop's, or built from `data.corpus` for a pair file)."""
+        if self.sources is not None:
+            return self.sources[3]
+        if getattr(self, "_graph", None) is None:
+            self._graph = build_sources(DatagenConfig(corpus=self.cfg.data.corpus, retrieval="none"))[2]
+            if self.rt.main:
+                save_graph(self._graph, self.dir / "graph", step="corpus graph")
+        return self._graph
+
+    def answer_set(self, n: int) -> list[dict]:
+        """The fixed evaluation set (`tasks.answer_set`: held-out concepts, the same for every run) over this run's
+        corpus graph; [] when n is 0."""
+        if n <= 0:
+            return []
+        try:
+            return answer_set(self.graph(), n)
+        except UserError as e:
+            raise UserError(f"train.eval_answers: {e}") from None
+
     def heldout(self) -> list[dict]:
         if self.heldout_records is None:
             self.heldout_records = self._generate(self.cfg.data.heldout_pairs, self.HELDOUT_INDEX,
@@ -478,7 +524,10 @@ class PairSource:
         if self.sources is None:
             return self.train_records
         n = self.cfg.data.pairs_per_iteration
-        return self._generate(n, it * n, self.dir / f"iter_{it:03d}.jsonl")
+        records = self._generate(n, it * n, self.dir / f"iter_{it:03d}.jsonl")
+        if self.rt.main:  # the graph as this iteration left it (an LLM teacher grows it)
+            save_graph(self.sources[3], self.dir / "graph", records, step=f"iteration {it}")
+        return records
 
 
 if __name__ == "__main__":

@@ -28,12 +28,16 @@ def response_token_logps(model, batch: dict, rt: Runtime) -> torch.Tensor:
     longest row, so a short rejected answer is not padded to a long chosen one (rows are right padded and attention is
     causal: the cut changes no real token). The head runs only on rows that predict a response token, through the
     chunked `token_logps` (never the full logits); a head that trains only new-token rows (stage 1) goes in as a
-    constant matrix plus those rows, so no [V, H] gradient is formed."""
+    constant matrix plus those rows, so no [V, H] gradient is formed. A batch with `prompt_targets` (ORPO's NLL over
+    the prompt too) also scores the chosen rows' prompt tokens, one forward per half."""
     ids, targets = batch["input_ids"].to(rt.device), batch["targets"].to(rt.device)
     lengths = batch["attention_mask"].sum(dim=1)  # (2B,)
     B2, T = ids.shape
-    where = (targets != -100)  # (2B, T) positions that predict a response token, row-major = the order picked below
-    if fast.installed(model) and model.share_prompt and worth_sharing(batch, lengths):
+    prompt_targets = batch.get("prompt_targets")
+    if prompt_targets is not None:
+        targets = torch.where(targets != -100, targets, prompt_targets.to(rt.device))
+    where = (targets != -100)  # (2B, T) positions that predict a scored token, row-major = the order picked below
+    if prompt_targets is None and fast.installed(model) and model.share_prompt and worth_sharing(batch, lengths):
         hidden = hidden_shared_prompt(model, ids, batch["prompt_lens"].to(rt.device),
                                       batch["response_lens"].to(rt.device), rt.autocast_ctx)
     else:
@@ -116,7 +120,7 @@ def evaluate_pairs(model, examples: list[dict], pad_id: int, loss_cfg, rt: Runti
     model.eval()
     rows: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(examples), batch_size):
-        batch = collate_pairs(examples[i:i + batch_size], pad_id)
+        batch = collate_pairs(examples[i:i + batch_size], pad_id, nll_prompt=loss_cfg.nll_prompt and spec.needs_nll)
         tl = response_token_logps(model, batch, rt)  # (2B, T)
         whole = sequence_logps(tl, batch["targets"].to(tl.device) != -100, average=True).chunk(2)  # every response token
         pol = _seq(tl, batch, spec, rt)

@@ -17,9 +17,9 @@ import pytest
 from preflexor.data import read_pairs, tokenize_pair, validate_record
 from preflexor.datagen import example_seed, generate_pairs, model_prompt, read_existing
 from preflexor.errors import UserError
-from preflexor.graph import parse_triples
-from preflexor.teacher import SECTIONS, GroundedTeacher, HTTPTeacher, clean_definition
-from preflexor.thinking import TRIGGER
+from preflexor.graph import KnowledgeGraph, parse_triples
+from preflexor.teacher import KNOWLEDGE_GRAPH, SECTIONS, GroundedTeacher, HTTPTeacher, clean_definition
+from preflexor.thinking import TRIGGER, split_thinking
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION_RE = re.compile(r"^\*\*(.+?)\*\*:$", re.M)
@@ -113,7 +113,14 @@ def test_topics_and_no_retrieval(sources):
     for r in recs:  # the contexts were retrieved for the topic
         assert all(r["meta"]["topic"] in by_id[c].text.lower() for c in r["meta"]["context_chunks"][:1])
     recs = generate_pairs(2, teacher, docs, chunks, graph, None, "teacher_incorrect", progress=False)
-    assert all(r["meta"]["retrieved_chunks"] == [] for r in recs)
+    # no retriever = the reference's use_rag=False: nothing is added to the drawn chunks, not even the graph's
+    assert all(r["meta"]["retrieved_chunks"] == [] == r["meta"]["graph_chunks"] for r in recs)
+    assert all(f"**{KNOWLEDGE_GRAPH}**" in r["chosen"] for r in recs)
+    # kg_triples 0: the paper's six sections, no Knowledge Graph section
+    six = generate_pairs(2, teacher, docs, chunks, graph, retriever, "teacher_incorrect", kg_triples=0, progress=False)
+    for r in six:
+        heads = re.findall(r"^\*\*(.+?)\*\*:", split_thinking(r["chosen"])["thinking"], re.M)
+        assert heads == SECTIONS[1:], heads
     with pytest.raises(UserError, match="rejected source 'nope'"):
         generate_pairs(1, teacher, docs, chunks, graph, None, "nope", progress=False)
     with pytest.raises(UserError, match="needs a model"):
@@ -153,6 +160,12 @@ def test_cli_resume_after_sigkill_and_torn_line(sources, tmp_path):
     assert p.returncode == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["pairs"] == n and summary["new"] == n - kept
+    # the graph it used is saved next to the pairs, one growth line per run, PNGs of asked-about concepts
+    gdir = tmp_path / "pairs_graph"
+    growth = [json.loads(x) for x in (gdir / "growth.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in growth] == [f"{n} pairs"] and len(growth[0]["pngs"]) == 3
+    saved = KnowledgeGraph.from_json(gdir / "graph.json")
+    assert saved.g.number_of_edges() == sources[2].g.number_of_edges() == growth[0]["edges"]
     records, problems = read_pairs(out)
     assert not problems and len(records) == n
     assert [r["meta"]["index"] for r in records] == list(range(n))  # exactly N unique examples, in order

@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from preflexor.graph import KnowledgeGraph
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -166,9 +168,16 @@ def test_torchrun_ranks_share_the_active_loops_generation(tmp_path, tiny_llama_d
     r = subprocess.run([*torchrun, "--config", "configs/stage1_orpo.yaml", *common, f"train.out_dir={ddp}",
                         "train.batch_size=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    files = sorted(p.name for p in (single / "data").iterdir())
+    files = sorted(p.name for p in (single / "data").iterdir() if p.is_file())
     assert files == ["heldout.jsonl", "iter_000.jsonl", "iter_001.jsonl"]
-    assert sorted(p.name for p in (ddp / "data").iterdir()) == files  # the ranks' shard files are gone
+    assert sorted(p.name for p in (ddp / "data").iterdir() if p.is_file()) == files  # the ranks' shards are gone
+    # the graph is an output: saved after every iteration (rank 0 only), with neighbourhood PNGs of asked concepts
+    growth = [json.loads(x) for x in (single / "data" / "graph" / "growth.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in growth] == ["iteration 0", "iteration 1"] and growth[-1]["pngs"]
+    for d in (single, ddp):
+        g = KnowledgeGraph.from_graphml(d / "data" / "graph" / "graph.graphml")
+        assert g.g.number_of_edges() == growth[-1]["edges"]
+        assert (d / "data" / "graph" / growth[-1]["pngs"][0]).read_bytes()[:4] == b"\x89PNG"
     for name in files:
         assert (single / "data" / name).read_bytes() == (ddp / "data" / name).read_bytes(), name
     summaries = [json.loads((d / "summary.json").read_text()) for d in (single, ddp)]
@@ -313,8 +322,9 @@ def test_each_rank_generates_its_share_and_the_shares_merge_in_index_order(tmp_p
 
     calls = []
 
-    def fake_generate_pairs(n, *a, start_index, stride, out_path, **kw):
+    def fake_generate_pairs(n, *a, start_index, stride, out_path, topics, context_chunks, retrieve_k, **kw):
         calls.append((n, start_index, stride, out_path.name))
+        assert (topics, context_chunks, retrieve_k) == (["enamel"], 2, 5)  # the training config's data keys
         return [{"meta": {"index": start_index + stride * k}} for k in range(n)]
 
     monkeypatch.setattr(datagen, "generate_pairs", fake_generate_pairs)
@@ -327,7 +337,7 @@ def test_each_rank_generates_its_share_and_the_shares_merge_in_index_order(tmp_p
             parts[rank], parts[1 - rank] = mine, other
         return all_gather
 
-    cfg = load_config(RunConfig, None, [])
+    cfg = load_config(RunConfig, None, ["data.topics=[enamel]", "data.context_chunks=2", "data.retrieve_k=5"])
     for rank in (0, 1):
         src = object.__new__(datagen.PairSource)
         src.cfg, src.tok, src.model, src.stage = cfg, None, torch.nn.Linear(1, 1), 1
@@ -346,3 +356,37 @@ def test_each_rank_generates_its_share_and_the_shares_merge_in_index_order(tmp_p
     out = shard_map(lambda xs: seen.append(xs) or [x * 10 for x in xs], [0, 1, 2, 3],
                     Runtime(torch.device("cpu"), torch.float32, None, rank=0, world=2))
     assert seen == [[0, 2]] and out == [0, 10, 20, 30]
+
+
+def test_orpo_nll_over_the_prompt_is_trls_chosen_cross_entropy(tiny_llama_dir):
+    """loss.nll_prompt: ORPO's NLL over prompt + response (TRL's `concatenated_labels` = the chosen ids wherever the
+    attention mask is 1) == cross-entropy of one padded forward over each chosen row's every real token; the
+    responses' log-probs (the odds-ratio term) are the same as without it."""
+    import torch.nn.functional as F
+
+    from preflexor import fast, losses
+    from preflexor.checkpoint import load_model_and_tokenizer
+    from preflexor.data import collate_pairs
+    from preflexor.preference import policy_logps
+    from preflexor.runtime import setup_runtime
+
+    model, tok = load_model_and_tokenizer(tiny_llama_dir, dtype="float32")
+    fast.install(model)
+    g = torch.Generator().manual_seed(2)
+    ex = [{"prompt_ids": torch.randint(3, 1000, (p,), generator=g).tolist(),
+           "chosen_ids": torch.randint(3, 1000, (c,), generator=g).tolist(),
+           "rejected_ids": torch.randint(3, 1000, (r,), generator=g).tolist()}
+          for p, c, r in ((9, 20, 4), (9, 7, 12), (5, 30, 6))]
+    rt, spec = setup_runtime("cpu", "float32", verbose=False), losses.get_loss("orpo")
+    plain, with_prompt = (policy_logps(model, collate_pairs(ex, tok.pad_id, nll_prompt=f), spec, rt)
+                          for f in (False, True))
+    torch.testing.assert_close(with_prompt["chosen"], plain["chosen"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_prompt["rejected"], plain["rejected"], rtol=0, atol=1e-5)
+    for i, e in enumerate(ex):
+        seq = torch.tensor(e["prompt_ids"] + e["chosen_ids"])
+        with torch.no_grad():
+            logits = model(seq[None])[0]
+        want = F.cross_entropy(logits[:-1], seq[1:])  # every real token after the first
+        resp = F.cross_entropy(logits[len(e["prompt_ids"]) - 1:-1], seq[len(e["prompt_ids"]):])
+        torch.testing.assert_close(with_prompt["nll"][i], want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(plain["nll"][i], resp, rtol=1e-4, atol=1e-4)
