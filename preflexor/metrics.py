@@ -22,8 +22,8 @@ from preflexor.errors import UserError
 from preflexor.graph import IS_A, KnowledgeGraph
 from preflexor.runtime import shard_map
 from preflexor.sampler import generate_ex
-from preflexor.thinking import (THINK_START, TRIGGER, FormatWatch, final_answer, split_thinking, strip_tags,
-                                thinking_prefix)
+from preflexor.thinking import (THINK_START, TRIGGER, AnswerWatch, FormatWatch, final_answer, split_thinking,
+                                strip_tags, thinking_prefix)
 from preflexor.utils import append_jsonl, save_png
 
 _WORD = re.compile(r"[^\W_]+")  # letters and digits; punctuation and underscores separate words
@@ -139,23 +139,25 @@ def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, level: f
 
 def answer_accuracy(model, tok, prompts: list[str], golds: list[str], max_new_tokens: int,
                     system: str | None = None, batch_size: int = 16, rt=None, checker=None) -> dict:
-    """Exact-answer accuracy of greedy responses (the text after the thinking, `tasks.check` against the gold
-    answer) with a bootstrap 95% interval, plus the format, opens-thinking and truncated rates of the same responses
-    and, with a `tasks.RelationChecker`, the thinking's factuality (true / stated is-a relations over all answers).
-    Nothing stops early: a model that answers without thinking is scored on its answer. Under torchrun each rank
-    answers its share."""
+    """Exact-answer accuracy of greedy responses (the first line of the text after the thinking, `tasks.check`
+    against the gold answer) with a bootstrap 95% interval, plus the format, opens-thinking and truncated rates of the
+    same responses and, with a `tasks.RelationChecker`, the thinking's factuality (true / stated is-a relations over
+    all answers). A response is generated until its answer's first line is complete (`thinking.AnswerWatch`), the
+    end of its turn, or `max_new_tokens` (truncated: no complete answer line within the budget); a model that answers
+    without thinking is scored on its answer. Under torchrun each rank answers its share."""
     from preflexor.tasks import check
 
     def answer(ps: list[str]) -> list:
-        return generate_responses(model, tok, ps, max_new_tokens, system, batch_size, desc="answers")["rows"]
+        return generate_responses(model, tok, ps, max_new_tokens, system, batch_size, desc="answers",
+                                  stop_when_answered=True)["rows"]
 
     rows = shard_map(answer, list(prompts), rt) if rt is not None else answer(list(prompts))
     texts = [r["response"] for r in rows]
-    ok = [float(check(final_answer(t), g)) for t, g in zip(texts, golds)]
+    ok = [float(check(final_answer(t, keep_lines=True), g)) for t, g in zip(texts, golds)]
     return {"exact_accuracy": sum(ok) / max(len(ok), 1), "ci95": bootstrap_ci(ok), "n": len(ok),
             "format_rate": _mean([float(split_thinking(t)["well_formed"]) for t in texts]),
             "opens_thinking_rate": _mean([float(t.lstrip().startswith(THINK_START)) for t in texts]),
-            "truncated_rate": _mean([float(r["n_tokens"] >= max_new_tokens) for r in rows]),
+            "truncated_rate": _mean([float(r["n_tokens"] >= max_new_tokens and not r["stopped_early"]) for r in rows]),
             "factuality": _factuality(checker, texts),
             "samples": [{"prompt": p, "response": t, "gold": g, "correct": bool(c)}
                         for p, t, g, c in zip(prompts, texts, golds, ok)]}
@@ -183,7 +185,7 @@ def thinking_probe(model, tok, examples: list[dict], max_new_tokens: int = 48, s
     for side in ("chosen", "rejected"):
         pre = [thinking_prefix(split_thinking(r[side])["thinking"] or "") for r in examples]
         rows = generate_responses(model, tok, prompts, max_new_tokens, system, batch_size, prefixes=pre,
-                                  desc=f"probe ({side} thinking)")["rows"]
+                                  desc=f"probe ({side} thinking)", stop_when_answered=True)["rows"]
         ans = [r["response"].strip() for r in rows]
         gold = [float(check(a, r["meta"]["answer"])) for a, r in zip(ans, examples)]
         if side == "chosen":
@@ -209,11 +211,11 @@ def recursion_accuracy(model, tok, examples: list[dict], critic, rounds: int = 3
 
     prompts, golds = [r["prompt"] for r in examples], [r["meta"]["answer"] for r in examples]
     if first is None:
-        first = [x["response"] for x in generate_responses(model, tok, prompts, max_new_tokens, system,
-                                                            batch_size, desc="answers")["rows"]]
+        first = [x["response"] for x in generate_responses(model, tok, prompts, max_new_tokens, system, batch_size,
+                                                            desc="answers", stop_when_answered=True)["rows"]]
     parts = [split_thinking(t) for t in first]
     thinking = [p["thinking"] if p["thinking"] is not None else strip_tags(t) for p, t in zip(parts, first)]
-    answers = [[final_answer(t)] for t in first]
+    answers = [[final_answer(t, keep_lines=True)] for t in first]
     fact = []
     for n in range(1, rounds + 1):
         fact.append(_factuality(getattr(critic, "rc", None), [thinking_prefix(t) for t in thinking]))
@@ -221,7 +223,8 @@ def recursion_accuracy(model, tok, examples: list[dict], critic, rounds: int = 3
             break
         thinking = [critic.improve(t, critic.critique(r["meta"]["question"], t)) for t, r in zip(thinking, examples)]
         rows = generate_responses(model, tok, prompts, answer_tokens, system, batch_size,
-                                  prefixes=[thinking_prefix(t) for t in thinking], desc=f"round {n + 1}")["rows"]
+                                  prefixes=[thinking_prefix(t) for t in thinking], desc=f"round {n + 1}",
+                                  stop_when_answered=True)["rows"]
         for a, row in zip(answers, rows):
             a.append(strip_tags(row["response"]).strip())
     table = []
@@ -237,10 +240,12 @@ def recursion_accuracy(model, tok, examples: list[dict], critic, rounds: int = 3
 @torch.no_grad()
 def generate_responses(model, tok, prompts: Sequence[str], max_new_tokens: int, system: str | None = None,
                        batch_size: int = 8, stop_when_malformed: bool = False,
-                       prefixes: Sequence[str] | None = None, desc: str | None = None) -> dict:
+                       prefixes: Sequence[str] | None = None, desc: str | None = None,
+                       stop_when_answered: bool = False) -> dict:
     """Greedy responses, batched through the sampler: `{"rows": [{"response", "n_tokens", "stopped_early"}],
     "tokens_per_s", "seconds"}`. Tokens per second = generated tokens / wall time of the batched generation.
-    `stop_when_malformed` ends rows that can no longer be well formed (see `format_rate`). `prefixes`: text that
+    `stop_when_malformed` ends rows that can no longer be well formed (see `format_rate`); `stop_when_answered` ends
+    rows once their answer's first line is complete (`thinking.AnswerWatch`). `prefixes`: text that
     starts each assistant turn (e.g. an injected thinking block); the response is the continuation only. `desc`: a
     progress bar over the prompts under that name."""
     from tqdm import tqdm
@@ -256,7 +261,8 @@ def generate_responses(model, tok, prompts: Sequence[str], max_new_tokens: int, 
         room = model.config.max_position_embeddings - max(len(x) for x in ids)
         if room < 1:
             raise UserError(f"a prompt of {max(len(x) for x in ids)} tokens does not fit the model's context")
-        watch = FormatWatch(tok, len(ids)) if stop_when_malformed else None
+        watch = FormatWatch(tok, len(ids)) if stop_when_malformed else \
+            AnswerWatch(tok, len(ids)) if stop_when_answered else None
         res = generate_ex(model, ids, min(max_new_tokens, room), temperature=0.0, stop_ids=tok.stop_ids,
                           pad_id=tok.pad_id, on_token=watch)
         for r, o in enumerate(res.tokens):

@@ -80,6 +80,31 @@ class FormatWatch:
         return bad
 
 
+class AnswerWatch:
+    """`on_token` for `sampler.generate_ex`: ends a row once the first line of its answer is complete, the only line
+    the exact-answer check reads (`tasks.check`). The answer starts after the first `<|/thinking|>` when the response
+    opens with `<|thinking|>`, else at the first non-blank text; the line is complete at the first newline after
+    non-blank answer text. A well-formed response's score is then what the whole response would score; a response
+    that writes text before opening a block is read as a plain answer. `stopped[row]` says whether the row ended so."""
+
+    def __init__(self, tok, n_rows: int):
+        self.tok = tok
+        self.text = [""] * n_rows
+        self.stopped = [False] * n_rows
+
+    def __call__(self, row: int, token: int) -> bool:
+        self.text[row] += self.tok.decode([token])
+        t = self.text[row].lstrip()
+        if t.startswith(THINK_START) or (t and THINK_START.startswith(t)):
+            j = t.find(THINK_END)
+            if j < 0:
+                return False
+            t = t[j + len(THINK_END):]
+        done = "\n" in t.lstrip()
+        self.stopped[row] = self.stopped[row] or done
+        return done
+
+
 # -- The lenient extraction (never raises; every fallback is reported) -------------------------------------------------
 
 def extract_block(text: str, start: str, end: str) -> tuple[str | None, str | None]:
@@ -149,6 +174,8 @@ def strip_tags(text: str) -> str:
     return _TAG.sub(" ", text).strip()
 
 
-def final_answer(response: str) -> str:
-    """The answer of a response (`answer_of`) as the answer metrics score it: tags removed, whitespace collapsed."""
-    return " ".join(strip_tags(answer_of(response)[0]).split())
+def final_answer(response: str, keep_lines: bool = False) -> str:
+    """The answer of a response (`answer_of`) as the answer metrics score it: tags removed, whitespace collapsed
+    (`keep_lines`: only stripped, so the exact check can read its first line)."""
+    answer = strip_tags(answer_of(response)[0])
+    return answer.strip() if keep_lines else " ".join(answer.split())

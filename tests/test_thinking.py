@@ -2,7 +2,7 @@
 check and its streaming watch, the lenient extraction with every fallback, and the one rule of the answer."""
 import pytest
 
-from preflexor.thinking import (TAGS, THINK_END, THINK_START, TRIGGER, FormatWatch, answer_after, assemble_thinking,
+from preflexor.thinking import (TAGS, THINK_END, THINK_START, TRIGGER, AnswerWatch, FormatWatch, answer_after, assemble_thinking,
                                 extract_block, final_answer, split_response, split_thinking, strip_tags,
                                 thinking_prefix)
 
@@ -59,6 +59,32 @@ def test_format_watch_stops_only_rows_that_cannot_be_well_formed(tiny_llama_dir)
     assert feed(enc("<|thin"))[1] is False  # the tag spelled out in pieces may still become it
     mid = enc(" a ")
     assert feed([start] + mid + [start])[0] == [False] * (1 + len(mid)) + [True]  # a second opening tag
+
+
+def test_answer_watch_stops_at_the_end_of_the_answers_first_line(tiny_llama_dir):
+    """The row ends on the token that completes the answer's first line, and the check of what was generated up to
+    there equals the check of the whole response."""
+    from preflexor.checkpoint import load_tokenizer
+    from preflexor.tasks import check
+
+    tok = load_tokenizer(tiny_llama_dir)
+    tok.add_reasoning_tokens()
+    enc = lambda s: tok.encode(s, allow_special=True)  # noqa: E731
+
+    def stop_at(text):
+        ids, watch = enc(text), AnswerWatch(tok, 1)
+        at = next((k for k, t in enumerate(ids) if watch(0, t)), None)
+        return None if at is None else tok.decode(ids[:at + 1])
+
+    whole = f"{TS}\n1. A is a kind of B.\n2. So A is a kind of C.\n{TE}\nYes\nMore text.\n"
+    got = stop_at(whole)
+    assert got.rstrip().endswith("Yes")
+    assert check(final_answer(got, keep_lines=True), "Yes") and check(final_answer(whole, keep_lines=True), "Yes")
+    assert final_answer(whole) == "Yes More text."  # the answer metrics' form: one line
+    assert stop_at("\n\nNo, because the step fails.\nAnd so on") == "\n\nNo, because the step fails.\n"
+    assert stop_at(f"{TS}\nstill thinking\nand more\n") is None  # no line of the answer yet
+    assert stop_at(f"{TS}\nt\n{TE}\n\n") is None  # blank lines are not an answer line
+    assert stop_at("Yes") is None  # a line without its newline: the turn's end or the budget decides
 
 
 # -- the lenient extraction -----------------------------------------------------------------------------------------
