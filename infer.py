@@ -10,7 +10,9 @@
 
 The model defaults to the newest `runs/stage2*/final/model`, else `runs/stage1*/final/model`, else the embedded
 SmolLM2; the critic to the base model that run was trained from (via the runs' `config.json`). Either may be an
-http(s):// URL of any OpenAI-compatible endpoint. Every question ends with the thinking trigger " Use <|thinking|>.".
+http(s):// URL of any OpenAI-compatible endpoint; `--critic graph` (or `graph:<corpus>`) is the offline critic grounded
+in the knowledge graph of the run's corpus (`reasoning.GraphCritic`). Every question ends with the thinking trigger
+" Use <|thinking|>.".
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ RULE = "──"
 @dataclass
 class InferConfig:
     model: str | None = None  # checkpoint dir | .gguf | default name | http(s) URL; None = newest run
-    critic: str | None = None  # same kinds; None = the base model the reasoner was trained from
+    critic: str | None = None  # same kinds, or graph[:corpus]; None = the base model the reasoner was trained from
     http_model: str = "default"  # model name sent to an HTTP endpoint
     prefix_mode: str = "continue"  # HTTP reasoner: continue a pre-filled assistant turn, or "fold" it into the user's
     recursive: int = 0  # 0 = one plain answer; N >= 1 = N rounds (thinking: N answers; reflection: N iterations)
@@ -78,6 +80,14 @@ def _run_config(path: Path) -> dict | None:
         return None
     model = cfg.get("model") if isinstance(cfg, dict) else None
     return cfg if isinstance(model, dict) and isinstance(model.get("source"), str) else None
+
+
+def corpus_of(source: str) -> str | None:
+    """The `data.corpus` of the run a checkpoint belongs to (None when not inside a run)."""
+    p = Path(source)
+    cfg = next((c for d in (p.parent, p.parent.parent) if (c := _run_config(d / "config.json"))), None)
+    corpus = (cfg or {}).get("data", {}).get("corpus") if isinstance((cfg or {}).get("data"), dict) else None
+    return corpus if isinstance(corpus, str) else None
 
 
 def base_model_of(source: str) -> str | None:
@@ -139,7 +149,8 @@ def build_generators(cfg: InferConfig, need_critic: bool, log=print) -> Loaded:
     if need_critic and critic_src is None:
         base = base_model_of(source)
         critic_src, cwhy = (base, "base model of the run") if base else (source, "same as the model")
-    if need_critic:
+    graph_critic = need_critic and (critic_src == "graph" or critic_src.startswith("graph:"))
+    if need_critic and not graph_critic:
         _check_source(critic_src, "critic model")
     log(f"model: {source} ({why})")
     model = tok = None
@@ -150,6 +161,14 @@ def build_generators(cfg: InferConfig, need_critic: bool, log=print) -> Loaded:
         reasoner = ModelGenerator(model, tok, cfg.top_k, cfg.top_p, cfg.seed, name="reasoner")
     if not need_critic:
         return Loaded(source, reasoner, None, model, tok)
+    if graph_critic:
+        from preflexor.datagen import DatagenConfig, build_sources
+        from preflexor.reasoning import GraphCritic
+
+        corpus = critic_src.partition(":")[2] or corpus_of(source) or "ontology"
+        log(f"critic: the knowledge graph of corpus {corpus!r} (offline, grounded)")
+        return Loaded(source, reasoner, GraphCritic(build_sources(DatagenConfig(corpus=corpus, retrieval="none"))[2]),
+                      model, tok)
     log(f"critic: {critic_src} ({cwhy})")
     if critic_src.startswith(("http://", "https://")):
         critic = HTTPGenerator(critic_src, cfg.http_model, name="critic")
@@ -335,7 +354,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Infer
     p.add_argument("words", nargs="*", help="the question, and/or key=value overrides")
     p.add_argument("--config", default=None, help="YAML config (default: configs/infer.yaml)")
     p.add_argument("--model", help="reasoning model: checkpoint dir, .gguf, default name or http(s) URL")
-    p.add_argument("--critic", help="critic: checkpoint dir, .gguf, default name or http(s) URL")
+    p.add_argument("--critic", help="critic: checkpoint dir, .gguf, default name, http(s) URL, or graph[:corpus] "
+                   "(offline, grounded in the knowledge graph)")
     p.add_argument("--recursive", type=int, metavar="N", help="N rounds of critique and re-answering")
     p.add_argument("--reflect", action="store_const", const=True, help="use the model's own reflection as feedback")
     p.add_argument("--no-integrate", dest="integrate", action="store_const", const=False,

@@ -108,6 +108,22 @@ def test_recursive_run_prints_headed_rounds(tiny_llama_dir, tmp_path):
     assert "5 model call(s)" in r.stderr
 
 
+def test_graph_critic_runs_the_recursion_offline(tiny_llama_dir):
+    """`--critic graph`: the critic is the knowledge graph of the corpus (no second model is loaded); its critique
+    and the integration are in the rounds."""
+    r = infer("--model", tiny_llama_dir, "--critic", "graph", "--recursive", 2, "--json", "max_new_tokens=6",
+              "Is enamel a kind of tissue?")
+    assert r.returncode == 0, r.stderr
+    assert "critic: the knowledge graph of corpus 'ontology' (offline, grounded)" in r.stderr
+    row = json.loads(r.stdout)
+    critique = row["rounds"][1]["feedback"]
+    assert critique.startswith(("False steps:", "Every stated is-a relation is true")), critique
+    assert [c["role"] for c in row["calls"]] == ["reasoner", "critic", "critic", "reasoner", "critic"]  # + integration
+    r = infer("--model", tiny_llama_dir, "--critic", "graph:/no/such/corpus", "--recursive", 1, "x")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: ") and "/no/such/corpus" in last, r.stderr
+
+
 def test_plain_question_from_stdin_as_json(tiny_llama_dir):
     r = infer("--model", tiny_llama_dir, "--json", "max_new_tokens=4", input="What is silk?\n")
     assert r.returncode == 0, r.stderr
