@@ -22,9 +22,10 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
-from preflexor.config import load_config
+from preflexor.config import at_least, load_config, within
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.utils import append_jsonl
 
@@ -35,6 +36,10 @@ RULE = "──"
 
 @dataclass
 class InferConfig:
+    RANGES: ClassVar[dict] = {"recursive": at_least(0), "max_new_tokens": at_least(1),
+                              "critic_max_new_tokens": at_least(1), "temperature": at_least(0),
+                              "critic_temperature": at_least(0), "top_k": at_least(1),
+                              "top_p": within(0, 1, open_lo=True), "port": within(0, 65535)}
     model: str | None = None  # checkpoint dir | .gguf | default name | http(s) URL; None = newest run
     critic: str | None = None  # same kinds, or graph[:corpus]; None = the base model the reasoner was trained from
     http_model: str = "default"  # model name sent to an HTTP endpoint
@@ -382,9 +387,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Infer
     config = args.config
     if config is None and (ROOT / "configs" / "infer.yaml").is_file():
         config = ROOT / "configs" / "infer.yaml"
-    cfg = load_config(InferConfig, config, overrides)
-    if cfg.recursive < 0:
-        raise UserError(f"recursive must be >= 0, got {cfg.recursive}")
+    cfg = load_config(InferConfig, config, overrides)  # ranges: InferConfig.RANGES
     return args, cfg, question
 
 

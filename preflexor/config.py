@@ -2,7 +2,8 @@
 
     cfg = load_config(RunConfig, "configs/stage1_orpo.yaml", ["train.lr=1e-4", "lora.r=8"])
 
-An unknown key or a value of the wrong type is a one-line `UserError` naming the key and the valid ones.
+An unknown key, a value of the wrong type or one outside its range (a dataclass's `RANGES`) is a one-line
+`UserError` naming the key and what it accepts.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -29,8 +30,23 @@ class ModelConfig:
     fast: bool = True  # install the speed paths (preflexor/fast/); PREFLEXOR_FAST=0/1 overrides
 
 
+def at_least(lo: float) -> tuple:
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def above(lo: float) -> tuple:
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def within(lo: float, hi: float, open_lo: bool = False, open_hi: bool = False) -> tuple:
+    ok = lambda v: (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)  # noqa: E731
+    return ok, f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
+
+
 @dataclass
 class LoraConfig:
+    RANGES: ClassVar[dict] = {"r": at_least(1), "alpha": above(0), "dropout": within(0, 1, open_hi=True),
+                              "new_rows_lr": above(0)}
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -42,6 +58,9 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
+    RANGES: ClassVar[dict] = {"kg_triples": at_least(0), "section_lines": at_least(1), "context_chunks": at_least(1),
+                              "retrieve_k": at_least(0), "pairs_per_iteration": at_least(1),
+                              "heldout_pairs": at_least(0), "max_prompt_len": at_least(1), "max_length": at_least(2)}
     pairs: str | None = None  # a preference JSONL; None = the active loop generates pairs
     corpus: str = "ontology"  # "ontology" (embedded default), a folder of .txt/.md, or a .jsonl with "text"
     retrieval: str = "tfidf"  # tfidf | dense | hybrid | none
@@ -68,6 +87,7 @@ class LossConfig:
     """`name` picks a loss of `losses.LOSSES`; the losses' hyperparameters (beta, epsilon, label_smoothing, ... as
     each `LossSpec.hparams` declares them) sit beside it as `loss.<key>` and are kept in `params`. A config may carry
     those of several losses (so `loss.name=...` can switch); the run uses and prints the selected loss's."""
+    RANGES: ClassVar[dict] = {"mask_fraction": within(0, 1)}
     name: str = "orpo"  # orpo | exo_pair | sigmoid | ipo, or any loss registered in losses.LOSSES
     mask: str = "none"  # answer_only | random_fraction | none (stage 2 thinking masks)
     keep_delimiter: bool = True
@@ -86,6 +106,8 @@ class LossConfig:
 
 @dataclass
 class SampleConfig:
+    RANGES: ClassVar[dict] = {"temperature": at_least(0), "top_k": at_least(1), "top_p": within(0, 1, open_lo=True),
+                              "max_new_tokens": at_least(1)}
     temperature: float = 1.0
     top_k: int | None = 50
     top_p: float | None = 0.9
@@ -94,6 +116,12 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
+    RANGES: ClassVar[dict] = {
+        "dist_timeout_s": above(0), "lr": above(0), "warmup_steps": at_least(0), "weight_decay": at_least(0),
+        "batch_size": at_least(1), "grad_accum": at_least(1), "max_grad_norm": at_least(0), "iterations": at_least(1),
+        "steps_per_iteration": at_least(1), "eval_every": at_least(0), "save_every": at_least(0),
+        "keep_last": at_least(0), "log_every": at_least(1), "eval_generations": at_least(0),
+        "eval_max_new_tokens": at_least(1), "eval_answers": at_least(0), "eval_answer_tokens": at_least(1)}
     out_dir: str = "runs/stage1"
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
@@ -185,6 +213,9 @@ def _build(cls, data: dict, where: str, prefix: str = ""):
             kwargs[key] = _build(hints[key], value, where, f"{prefix}{key}.")
         else:
             kwargs[key] = _check(value, hints[key], where, f"{prefix}{key}")
+            ok, accepts = getattr(cls, "RANGES", {}).get(key, (None, ""))
+            if ok is not None and kwargs[key] is not None and not ok(kwargs[key]):
+                raise UserError(f"{where}: config key '{prefix}{key}' must be {accepts}, got {kwargs[key]!r}")
     if extra:
         kwargs["params"] = params
     return cls(**kwargs)

@@ -27,10 +27,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch.distributed as dist
 
+from preflexor.config import above, at_least, within
 from preflexor.data import load_pairs, validate_record
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.fast import cpu_infer
@@ -48,6 +49,13 @@ REJECTED_SOURCES = ("model", "teacher_incorrect")
 @dataclass
 class DatagenConfig:
     """configs/data.yaml; every key can be overridden on the command line as key=value."""
+    RANGES: ClassVar[dict] = {
+        "chunk_size": at_least(1), "chunk_overlap": at_least(0), "retrieve_k": at_least(0),
+        "context_chunks": at_least(1), "kg_triples": at_least(0), "section_lines": at_least(1),
+        "teacher_max_tokens": at_least(1), "max_concurrency": at_least(1), "timeout": above(0),
+        "max_retries": at_least(0), "backoff": at_least(0), "stage": within(1, 2), "temperature": at_least(0),
+        "top_k": at_least(1), "top_p": within(0, 1, open_lo=True), "max_new_tokens": at_least(1),
+        "batch_size": at_least(1)}
     corpus: str = "ontology"  # "ontology", a folder of .txt/.md, or a .jsonl with "text"
     chunk_size: int = 256
     chunk_overlap: int = 32

@@ -23,6 +23,13 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("loss.epsilonn=0.1", "unknown config key 'loss.epsilonn' (valid: beta, epsilon, keep_delimiter, label_smoothing"),
     ("loss.beta=abc", "config key 'loss.beta' expects float, got 'abc'"),
     ("train.lr", "must look like key=value"),
+    ("train.batch_size=0", "config key 'train.batch_size' must be >= 1, got 0"),
+    ("train.grad_accum=0", "config key 'train.grad_accum' must be >= 1, got 0"),
+    ("train.lr=-1", "config key 'train.lr' must be > 0, got -1.0"),
+    ("train.iterations=-3", "config key 'train.iterations' must be >= 1, got -3"),
+    ("lora.dropout=1", "config key 'lora.dropout' must be in [0, 1), got 1.0"),
+    ("sample.top_p=0", "config key 'sample.top_p' must be in (0, 1], got 0.0"),
+    ("data.kg_triples=-1", "config key 'data.kg_triples' must be >= 0, got -1"),
 ])
 def test_bad_keys_and_types_are_one_line_errors(override, needle):
     with pytest.raises(UserError) as e:
@@ -37,3 +44,20 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train:\n  lr: [1, 2\n")
     with pytest.raises(UserError, match=r"bad\.yaml:\d+: invalid YAML"):
         load_config(RunConfig, bad)
+
+
+def test_every_range_holds_for_the_defaults_and_the_shipped_configs():
+    """The ranges admit every default and every shipped config (a range that rejects them would be a bug)."""
+    from pathlib import Path
+
+    from infer import InferConfig
+    from preflexor.datagen import DatagenConfig
+
+    root = Path(__file__).resolve().parent.parent
+    for cls in (RunConfig, InferConfig, DatagenConfig):
+        load_config(cls, None, [])
+    for path in sorted((root / "configs").glob("*.yaml")):
+        cls = InferConfig if path.name.startswith("infer") else DatagenConfig if path.name.startswith("data") \
+            else None if path.name.startswith("ablations") else RunConfig
+        if cls is not None:
+            load_config(cls, path, [])

@@ -63,8 +63,23 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     bad.write_text('{"text": "no question key"}\n')
     r = infer("--input", bad)
     assert r.returncode == 2 and f"{bad}:1: expected an object" in r.stderr
-    r = infer("--model", tmp_path, "Why?", "recursive=-1")
-    assert r.returncode == 2 and r.stderr.strip() == "error: recursive must be >= 0, got -1"
+    for bad_value, needle in (("recursive=-1", "config key 'recursive' must be >= 0, got -1"),
+                              ("--max-new-tokens=-4", "config key 'max_new_tokens' must be >= 1, got -4"),
+                              ("--port=99999", "config key 'port' must be in [0, 65535], got 99999")):
+        r = infer("--model", tmp_path, "Why?", bad_value)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_line(tiny_llama_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = infer("--model", tiny_llama_dir, "--serve", "--port", port)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith(f"error: --serve: cannot listen on 127.0.0.1:{port}"), r.stderr
 
 
 def make_runs(root: Path, tiny: Path) -> Path:
