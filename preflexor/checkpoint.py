@@ -124,6 +124,10 @@ def _read_config(d: Path) -> ModelArgs:
     missing = [k for k in _REQUIRED_CONFIG_KEYS if k not in lm]
     if missing:
         raise UserError(f"{path}: missing key {missing[0]!r} (required: {', '.join(_REQUIRED_CONFIG_KEYS)})")
+    bad = next((k for k in _REQUIRED_CONFIG_KEYS if not isinstance(lm[k], int) or isinstance(lm[k], bool)
+                or lm[k] < 1), None)
+    if bad:
+        raise UserError(f"{path}: key {bad!r} must be a positive integer, got {lm[bad]!r}")
     if lm.get("model_type", "llama") not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{path}: model_type {lm.get('model_type')!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")

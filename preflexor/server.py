@@ -478,8 +478,11 @@ class ChatServer(ThreadingHTTPServer):
 
     def __init__(self, address, engine: Engine, model_name: str, max_prompt_tokens: int, max_tokens_limit: int,
                  verbose: bool = False):
-        super().__init__(address, Handler)
-        self.engine, self.model_name, self.verbose = engine, model_name, verbose
+        self.engine, self.model_name, self.verbose = engine, model_name, verbose  # before binding: a failed bind
+        try:                                                                      # calls server_close
+            super().__init__(address, Handler)
+        except OSError as e:
+            raise UserError(f"--serve: cannot listen on {address[0]}:{address[1]} ({e.strerror or e})") from None
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self.context = engine.model.config.max_position_embeddings
         self.created = int(time.time())

@@ -298,6 +298,10 @@ def test_bad_inputs_are_one_line_user_errors(tiny_llama_dir, tmp_path):
     del cfg["hidden_size"]
     (d / "config.json").write_text(json.dumps(cfg))
     assert_user_error(lambda: load_model(d), d / "config.json", "hidden_size")
+    for bad in ("64", 0, True):  # a string, a zero, a bool: named, not a torch TypeError later
+        cfg["hidden_size"] = bad
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert_user_error(lambda: load_model(d), d / "config.json", "'hidden_size' must be a positive integer")
 
     d = copy_tiny(tiny_llama_dir, tmp_path / "wrong_shape")
     cfg["hidden_size"], cfg["num_hidden_layers"] = 32, 2
