@@ -24,7 +24,7 @@ from preflexor.runtime import shard_map
 from preflexor.sampler import generate_ex
 from preflexor.thinking import (THINK_START, TRIGGER, AnswerWatch, FormatWatch, final_answer, split_thinking,
                                 strip_tags, thinking_prefix)
-from preflexor.utils import append_jsonl, save_png
+from preflexor.utils import append_jsonl, atomic_write_text, save_png
 
 _WORD = re.compile(r"[^\W_]+")  # letters and digits; punctuation and underscores separate words
 
@@ -161,6 +161,41 @@ def answer_accuracy(model, tok, prompts: list[str], golds: list[str], max_new_to
             "factuality": _factuality(checker, texts),
             "samples": [{"prompt": p, "response": t, "gold": g, "correct": bool(c)}
                         for p, t, g, c in zip(prompts, texts, golds, ok)]}
+
+
+ANSWER_EVAL_FILE = "answers_eval.json"
+
+
+def answer_eval_key(prompts: list[str], golds: list[str], max_new_tokens: int, system: str | None) -> str:
+    """What an answer evaluation depends on besides the weights: the questions, gold answers, budget, system."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([prompts, golds, max_new_tokens, system]).encode()).hexdigest()[:16]
+
+
+def _weights_stamp(model_dir: Path) -> list | None:
+    files = sorted(model_dir.glob("model*.safetensors"))
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] or None
+
+
+def save_answer_eval(model_dir: str | Path, key: str, result: dict) -> None:
+    """Keep a saved model's answer evaluation beside its weights, so the next stage's "before" is read, not redone
+    (`load_answer_eval`)."""
+    model_dir = Path(model_dir)
+    atomic_write_text(model_dir / ANSWER_EVAL_FILE, json.dumps(
+        {"key": key, "weights": _weights_stamp(model_dir), "result": result}, ensure_ascii=False))
+
+
+def load_answer_eval(model_dir: str | Path, key: str) -> dict | None:
+    """The evaluation `save_answer_eval` kept for these weights and this key, else None (another set, budget or
+    system prompt; weights rewritten since; not a model directory we wrote)."""
+    p = Path(model_dir) / ANSWER_EVAL_FILE
+    try:
+        saved = json.loads(p.read_text(encoding="utf-8"))
+        ok = saved["key"] == key and saved["weights"] == _weights_stamp(Path(model_dir))
+        return saved["result"] if ok and saved["weights"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _factuality(checker, texts: list[str]) -> float | None:

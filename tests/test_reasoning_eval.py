@@ -69,3 +69,25 @@ def test_eval_reasoning_writes_its_table(setup, tiny_llama_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         eval_reasoning.main(["/no/such/run", "--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_a_saved_models_answer_evaluation_is_kept_for_its_weights_only(tmp_path):
+    """The next stage reads the evaluation a run kept beside the model it saved ("before" = that run's "after"),
+    and only for the same questions, budget and system prompt and the same weight files."""
+    import os
+
+    from preflexor.metrics import answer_eval_key, load_answer_eval, save_answer_eval
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights")
+    key = answer_eval_key(["q1", "q2"], ["Yes", "No"], 384, None)
+    assert load_answer_eval(d, key) is None  # nothing kept
+    save_answer_eval(d, key, {"exact_accuracy": 0.5, "n": 2})
+    assert load_answer_eval(d, key) == {"exact_accuracy": 0.5, "n": 2}
+    assert load_answer_eval(d, answer_eval_key(["q1", "q2"], ["Yes", "No"], 256, None)) is None  # another budget
+    assert load_answer_eval(d, answer_eval_key(["q1", "q2"], ["Yes", "No"], 384, "Be brief.")) is None
+    (d / "model.safetensors").write_bytes(b"other weights")  # rewritten since
+    os.utime(d / "model.safetensors", ns=(1, 1))
+    assert load_answer_eval(d, key) is None
+    assert load_answer_eval(tmp_path / "no_such_model", key) is None

@@ -72,9 +72,19 @@ def test_train_dpo_script_end_to_end_resume_and_bad_input(tmp_path, tiny_llama_d
     args = ["--config", "configs/stage2_exo.yaml", *tiny_args(
         tiny_llama_dir, pairs, out, "loss.name=exo_pair", "loss.epsilon=0.005", "loss.mask=answer_only",
         "loss.precompute_ref=true", "lora.train_new_token_rows=false", "train.iterations=1",
-        "train.eval_generations=0")]
+        "train.eval_generations=0", "train.eval_answers=3", "train.eval_answer_tokens=4")]
     r = run_script("train_dpo.py", args)
     assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["answers_before"]["n"] == summary["answers_after"]["n"] == 3
+    assert "held-out exact accuracy: before" in r.stdout
+    # a stage trained from this model reads its evaluation as "before" instead of redoing it
+    nxt = run_script("train_dpo.py", [*args, f"model.source={out / 'final' / 'model'}",
+                                      f"train.out_dir={tmp_path / 'next'}", "train.steps_per_iteration=1"])
+    assert nxt.returncode == 0, nxt.stderr[-2000:]
+    assert "kept from the run that saved it" in nxt.stdout
+    kept = json.loads((tmp_path / "next" / "summary.json").read_text())["answers_before"]
+    assert kept == summary["answers_after"]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in recs if "eval/rewards/margins" in x]
     # policy == reference at step 0, exactly (the held-out reference runs in the evaluation's own batches): zero
