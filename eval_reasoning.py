@@ -3,7 +3,8 @@ the thinking? On the fixed held-out set of `tasks.answer_set` (the same question
 concepts, gold answers computed from the knowledge graph), for each model given:
 
 - exact accuracy of greedy answers with a bootstrap 95% interval; format, opens-thinking and truncated rates;
-  factuality of the thinking (stated is-a relations true in the graph);
+  factuality of the thinking (stated is-a relations true in the graph); a model saved by a training run with the
+  same set and budget (`train.eval_answers`) has this part read from the evaluation the run kept;
 - the probe (`metrics.thinking_probe`): the answer with the correct thinking pre-filled vs with a decoy that follows
   a wrong path: how often it follows each;
 - with `--recursive N`: accuracy against N = 1..N answers with the grounded critic (`reasoning.GraphCritic`), with
@@ -26,7 +27,8 @@ from preflexor import fast
 from preflexor.checkpoint import DEFAULT_MODEL, load_model_and_tokenizer, read_run_config
 from preflexor.datagen import DatagenConfig, build_sources
 from preflexor.errors import UserError, exit_on_user_error
-from preflexor.metrics import answer_accuracy, recursion_accuracy, thinking_probe
+from preflexor.metrics import (answer_accuracy, answer_eval_key, load_answer_eval, paired_delta, recursion_accuracy,
+                               thinking_probe)
 from preflexor.reasoning import GraphCritic
 from preflexor.runtime import setup_runtime
 from preflexor.tasks import EVAL_SEED, RelationChecker, answer_set
@@ -55,9 +57,10 @@ def evaluate(run: str, examples: list[dict], checker: RelationChecker, max_new_t
                                           add_reasoning_tokens=True)
     model = fast.install(model, True).eval()
     t0 = time.perf_counter()
-    acc = answer_accuracy(model, tok, [r["prompt"] for r in examples], [r["meta"]["answer"] for r in examples],
-                          max_new_tokens, system, batch_size, checker=checker)
-    out = {"run": run, "model": model_path(run), "answers": acc}
+    prompts, golds = [r["prompt"] for r in examples], [r["meta"]["answer"] for r in examples]
+    kept = load_answer_eval(model_path(run), answer_eval_key(prompts, golds, max_new_tokens, system))
+    acc = kept or answer_accuracy(model, tok, prompts, golds, max_new_tokens, system, batch_size, checker=checker)
+    out = {"run": run, "model": model_path(run), "answers": acc, "answers_kept_from_training": bool(kept)}
     if probe:
         out["probe"] = thinking_probe(model, tok, examples[:probe], system=system, batch_size=batch_size)
     if recursive > 1:
@@ -75,13 +78,15 @@ def _ci(x) -> str:
 def markdown(result: dict) -> str:
     lines = [f"# Reasoning evaluation ({result['n']} held-out questions, tasks.answer_set seed {EVAL_SEED}, "
              f"budget {result['max_new_tokens']} tokens)", "", f"Command: `{result['command']}` at {result['git']}.",
-             "", "| model | exact accuracy (95% CI) | format | opens thinking | truncated | factuality |",
-             "|---|---|---|---|---|---|"]
+             "", f"| model | exact accuracy (95% CI) | difference to {result['models'][0]['run']} (paired 95% CI) | "
+             "format | opens thinking | truncated | factuality |", "|---|---|---|---|---|---|---|"]
+    first = result["models"][0]["answers"]
     for r in result["models"]:
         a = r["answers"]
         fact = "-" if a["factuality"] is None else f"{a['factuality']:.3f}"
-        lines.append(f"| {r['run']} | {a['exact_accuracy']:.3f} {_ci(a['ci95'])} | {a['format_rate']:.2f} | "
-                     f"{a['opens_thinking_rate']:.2f} | {a['truncated_rate']:.2f} | {fact} |")
+        d = paired_delta(first, a)
+        lines.append(f"| {r['run']} | {a['exact_accuracy']:.3f} {_ci(a['ci95'])} | {d['delta']:+.3f} {_ci(d['ci95'])} "
+                     f"| {a['format_rate']:.2f} | {a['opens_thinking_rate']:.2f} | {a['truncated_rate']:.2f} | {fact} |")
     if any("probe" in r for r in result["models"]):
         lines += ["", "Probe: the answer after a pre-filled correct thinking vs a decoy thinking that follows a "
                   "wrong path.", "", "| model | n | gold answer under correct thinking | decoy answer under decoy | "

@@ -28,7 +28,7 @@ from preflexor.errors import UserError, exit_on_user_error
 from preflexor.losses import get_loss
 from preflexor.lora import apply_lora, merge_lora, print_trainable, train_new_token_rows
 from preflexor.metrics import (MetricsLog, answer_accuracy, answer_eval_key, format_rate, load_answer_eval,
-                               plot_metrics, save_answer_eval)
+                               paired_delta, plot_metrics, save_answer_eval)
 from preflexor.optim import build_optimizer, lr_factor, set_lr
 from preflexor.peft_io import save_adapter
 from preflexor.preference import evaluate_pairs, preference_loss
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     # --- after training: the format rate again, summary, adapter and merged model (main rank) -----------------
     after, answers_after = format_check(), answer_check()
     summary = {"eval": last_eval, "format_before": before, "format_after": after, "answers_before": answers_before,
-               "answers_after": answers_after}
+               "answers_after": answers_after,
+               "answers_delta": paired_delta(answers_before, answers_after) if answers_before else None}
     if not rt.main:
         return summary
     plot_metrics(metrics.read(), out_dir / "curves.png")
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"(opens with <|thinking|>: {before['opens_thinking_rate']:.2f} -> {after['opens_thinking_rate']:.2f})")
     if answers_before and answers_after:
         print(f"held-out exact accuracy: before {answers_before['exact_accuracy']:.3f} {answers_before['ci95']} -> "
-              f"after {answers_after['exact_accuracy']:.3f} {answers_after['ci95']} (n {answers_after['n']}); "
+              f"after {answers_after['exact_accuracy']:.3f} {answers_after['ci95']} (n {answers_after['n']}; "
+              f"paired difference {summary['answers_delta']['delta']:+.3f} {summary['answers_delta']['ci95']}); "
               f"format {answers_before['format_rate']:.2f} -> {answers_after['format_rate']:.2f}, truncated "
               f"{answers_before['truncated_rate']:.2f} -> {answers_after['truncated_rate']:.2f}")
     print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()))

@@ -137,6 +137,15 @@ def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, level: f
     return [round(float(means[lo]), 4), round(float(means[hi]), 4)]
 
 
+def paired_delta(before: dict, after: dict) -> dict:
+    """Accuracy difference of two `answer_accuracy` results on the same questions (after - before), with a paired
+    bootstrap 95% interval (questions resampled together): the test of whether a stage changed accuracy."""
+    d = [float(b["correct"]) - float(a["correct"]) for a, b in zip(before["samples"], after["samples"])]
+    if len(d) != before["n"] or len(d) != after["n"]:
+        raise ValueError("paired_delta needs two evaluations of the same questions")
+    return {"delta": round(_mean(d), 4), "ci95": bootstrap_ci(d)}
+
+
 def answer_accuracy(model, tok, prompts: list[str], golds: list[str], max_new_tokens: int,
                     system: str | None = None, batch_size: int = 16, rt=None, checker=None) -> dict:
     """Exact-answer accuracy of greedy responses (the first line of the text after the thinking, `tasks.check`

@@ -66,6 +66,7 @@ def test_eval_reasoning_writes_its_table(setup, tiny_llama_dir, tmp_path):
     assert [r["N"] for r in saved["models"][0]["recursion"]["rounds"]] == [1, 2]
     md = (tmp_path / "reasoning.md").read_text()
     assert "exact accuracy" in md and "Probe" in md and "grounded critic" in md and res["n"] == 4
+    assert "difference to" in md and "+0.000 [0.000, 0.000]" in md  # the first model against itself
     with pytest.raises(SystemExit) as e:
         eval_reasoning.main(["/no/such/run", "--out", str(tmp_path)])
     assert e.value.code == 2
@@ -91,3 +92,16 @@ def test_a_saved_models_answer_evaluation_is_kept_for_its_weights_only(tmp_path)
     os.utime(d / "model.safetensors", ns=(1, 1))
     assert load_answer_eval(d, key) is None
     assert load_answer_eval(tmp_path / "no_such_model", key) is None
+
+
+def test_paired_delta_resamples_the_questions_together():
+    from preflexor.metrics import paired_delta
+
+    before = {"n": 4, "samples": [{"correct": c} for c in (False, False, True, True)]}
+    after = {"n": 4, "samples": [{"correct": c} for c in (True, True, True, True)]}
+    d = paired_delta(before, after)
+    assert d["delta"] == 0.5 and 0.0 <= d["ci95"][0] <= 0.5 <= d["ci95"][1] <= 1.0
+    same = paired_delta(after, after)
+    assert same == {"delta": 0.0, "ci95": [0.0, 0.0]}  # no change: a zero-width interval, not the unpaired one
+    with pytest.raises(ValueError):
+        paired_delta(before, {"n": 3, "samples": after["samples"][:3]})
