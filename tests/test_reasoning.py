@@ -87,7 +87,7 @@ def test_thinking_variant_prompts_chain_correctly():
         assert critique_text in improve["messages"][-1]["content"] and thinking in improve["messages"][-1]["content"]
         thinking = f"critic says {2 * r}"
         assert reanswer["who"] == "reasoner" and reanswer["messages"] == first_msgs
-        assert reanswer["prefix"] == thinking_prefix(thinking) == f"{TS}\n{thinking}\n{TE}"
+        assert reanswer["prefix"] == thinking_prefix(thinking) == f"{TS}\n{thinking}\n\n{TE}"
         assert res.rounds[r].thinking == thinking and res.rounds[r].feedback == critique_text
         assert res.rounds[r].response == reanswer["prefix"] + f"\nanswer {r + 1}"
     integ = log[-1]["messages"][-1]["content"]

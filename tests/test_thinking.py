@@ -13,7 +13,9 @@ def test_tags_trigger_and_builders():
     from preflexor.tokenizer import REASONING_TOKENS
 
     assert TAGS == REASONING_TOKENS and (THINK_START, THINK_END) == (TS, TE) and TRIGGER == " Use <|thinking|>."
-    assert thinking_prefix("t") == f"{TS}\nt\n{TE}" and strip_tags(f" a{RS}b{TE} ") == "a b"
+    block = assemble_thinking({"Reasoning Steps": "t"})
+    assert thinking_prefix("**Reasoning Steps**:\n\nt") == block  # the trained layout, to the byte
+    assert thinking_prefix(" t ") == f"{TS}\nt\n\n{TE}" and strip_tags(f" a{RS}b{TE} ") == "a b"
     assert assemble_thinking({"A": " a ", "B": "b"}) == f"{TS}\n**A**:\n\na\n\n**B**:\n\nb\n\n{TE}"
 
 
