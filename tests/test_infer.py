@@ -41,8 +41,9 @@ def test_jsonl_batch_of_20_with_a_failing_question(tiny_llama_dir, tmp_path):
     assert "does not fit the model's context of 512" in errors[0]["error"]
     ok = [row for row in rows if "error" not in row]
     assert len(ok) == 20 and [row["question"] for row in ok] == [q["question"] for q in questions if "question" in q]
-    for row in ok:  # thinking variant, N=2: 1 + 3 + 1 calls, each at most 6 new tokens
-        assert row["n_calls"] == 5 and len(row["rounds"]) == 2 and isinstance(row["final_answer"], str)
+    for row in ok:  # thinking variant, N=2: 1 + 3 + 1 calls (no integration call when no answer is non-empty)
+        skipped = any("skipped the integration call" in json.dumps(i) for i in row["issues"])
+        assert row["n_calls"] == 5 - skipped and len(row["rounds"]) == 2 and isinstance(row["final_answer"], str)
         assert all(c["completion_tokens"] <= 6 for c in row["calls"])
     assert "(1 error(s))" in r.stderr
     # a rerun resumes: nothing is answered twice
