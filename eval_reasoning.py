@@ -27,8 +27,7 @@ from preflexor import fast
 from preflexor.checkpoint import DEFAULT_MODEL, load_model_and_tokenizer, read_run_config
 from preflexor.datagen import DatagenConfig, build_sources
 from preflexor.errors import UserError, exit_on_user_error
-from preflexor.metrics import (answer_accuracy, answer_eval_key, load_answer_eval, paired_delta, recursion_accuracy,
-                               thinking_probe)
+from preflexor.metrics import graded_accuracy, load_answer_eval, paired_delta, recursion_accuracy, thinking_probe
 from preflexor.reasoning import GraphCritic
 from preflexor.runtime import setup_runtime
 from preflexor.tasks import EVAL_SEED, RelationChecker, answer_set
@@ -57,10 +56,9 @@ def evaluate(run: str, examples: list[dict], checker: RelationChecker, max_new_t
                                           add_reasoning_tokens=True)
     model = fast.install(model, True).eval()
     t0 = time.perf_counter()
-    prompts, golds = [r["prompt"] for r in examples], [r["meta"]["answer"] for r in examples]
-    kept = load_answer_eval(model_path(run), answer_eval_key(prompts, golds, max_new_tokens, system))
-    acc = kept or answer_accuracy(model, tok, prompts, golds, max_new_tokens, system, batch_size, checker=checker)
-    out = {"run": run, "model": model_path(run), "answers": acc, "answers_kept_from_training": bool(kept)}
+    acc = graded_accuracy(model, tok, examples, max_new_tokens, system, None, checker, model_path(run), batch_size)
+    out = {"run": run, "model": model_path(run), "answers": acc, "answers_kept_from_training":
+           load_answer_eval(model_path(run), acc["key"]) is not None}
     if probe:
         out["probe"] = thinking_probe(model, tok, examples[:probe], system=system, batch_size=batch_size)
     if recursive > 1:

@@ -27,8 +27,7 @@ from preflexor.datagen import PairSource
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.losses import get_loss
 from preflexor.lora import apply_lora, merge_lora, print_trainable
-from preflexor.metrics import (MetricsLog, answer_accuracy, answer_eval_key, format_rate, load_answer_eval,
-                               paired_delta, plot_metrics, save_answer_eval)
+from preflexor.metrics import MetricsLog, format_rate, graded_accuracy, paired_delta, plot_metrics, save_answer_eval
 from preflexor.optim import build_optimizer, lr_factor, set_lr
 from preflexor.peft_io import save_adapter
 from preflexor.preference import evaluate_pairs, precompute_ref, preference_loss
@@ -85,18 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     graded = source.answer_set(tc.eval_answers)  # the fixed evaluation set: held-out concepts, gold answers
 
-    answers_key = answer_eval_key([r["prompt"] for r in graded], [r["meta"]["answer"] for r in graded],
-                                  tc.eval_answer_tokens, cfg.data.system_prompt)
+    checker = RelationChecker(source.graph()) if graded else None  # thinking factuality against the graph
 
     def answer_check(reuse_from: str | None = None) -> dict | None:  # exact-answer accuracy of greedy answers
-        if not graded:
-            return None
-        if reuse_from and (kept := load_answer_eval(reuse_from, answers_key)):  # the run that saved the model
-            print(f"answer evaluation of {reuse_from}: kept from the run that saved it")
-            return kept
-        return answer_accuracy(model, tok, [r["prompt"] for r in graded], [r["meta"]["answer"] for r in graded],
-                               tc.eval_answer_tokens, cfg.data.system_prompt, rt=rt,
-                               checker=RelationChecker(source.graph()))
+        return graded_accuracy(model, tok, graded, tc.eval_answer_tokens, cfg.data.system_prompt, rt, checker,
+                               reuse_from)
 
     before, answers_before = format_check(), answer_check(reuse_from=cfg.model.source)
 
@@ -204,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         merge_lora(model)
         save_model(model, tok, out_dir / "final" / "model")
         if answers_after:
-            save_answer_eval(out_dir / "final" / "model", answers_key, answers_after)
+            save_answer_eval(out_dir / "final" / "model", answers_after["key"], answers_after)
     atomic_write_json(out_dir / "summary.json", summary)
     print(f"saved {out_dir / 'final'}")
     return summary

@@ -207,6 +207,21 @@ def load_answer_eval(model_dir: str | Path, key: str) -> dict | None:
         return None
 
 
+def graded_accuracy(model, tok, examples: list[dict], max_new_tokens: int, system: str | None = None, rt=None,
+                    checker=None, reuse_from: str | None = None, batch_size: int = 16) -> dict | None:
+    """`answer_accuracy` on `tasks` records (prompt, meta.answer), None for none; the result carries its `key`
+    (`answer_eval_key`) so it can be kept (`save_answer_eval`). `reuse_from`: a model directory whose kept evaluation
+    of the same key is returned instead, e.g. the "after" of the run that saved the model."""
+    if not examples:
+        return None
+    prompts, golds = [r["prompt"] for r in examples], [r["meta"]["answer"] for r in examples]
+    key = answer_eval_key(prompts, golds, max_new_tokens, system)
+    if reuse_from and (kept := load_answer_eval(reuse_from, key)):
+        print(f"answer evaluation of {reuse_from}: kept from the run that saved it")
+        return {**kept, "key": key}
+    return {**answer_accuracy(model, tok, prompts, golds, max_new_tokens, system, batch_size, rt, checker), "key": key}
+
+
 def _factuality(checker, texts: list[str]) -> float | None:
     if checker is None:
         return None
