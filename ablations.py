@@ -50,7 +50,7 @@ SCRIPTS = {"stage1": "train_orpo.py", "stage2": "train_dpo.py"}
 TABLE_METRICS = {"rewards/accuracies": "reward acc", "rewards/margins": "reward margin", "nll": "NLL chosen",
                  "logps/accuracies": "logp acc", "format_rate": "format", "token_f1": "F1", "rouge_l": "ROUGE-L",
                  "concept_recall": "concept recall", "answer_words": "answer words", "tokens_per_s": "tok/s"}
-_NAME = re.compile(r"^[A-Za-z0-9_.+=-]+$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")  # a folder name: not "..", ".", "-x" or hidden
 
 
 # -- The grid ----------------------------------------------------------------------------------------------------------
@@ -130,8 +130,8 @@ def load_grid(path: str | Path) -> Grid:
         if not isinstance(c, dict):
             raise UserError(f"{where}: must be a mapping")
         name, kind = str(_req(c, "name", where, (str, int))), _req(c, "kind", where, str)
-        if not _NAME.match(name):
-            raise UserError(f"{where}: name {name!r} may only use letters, digits and _ . + = -")
+        if not _NAME.fullmatch(name):
+            raise UserError(f"{where}: name {name!r} must start with a letter, digit or _ and use only those and . + = -")
         if kind not in KINDS:
             raise UserError(f"{where}: kind {kind!r} (valid: {', '.join(KINDS)})")
         bad = sorted(set(c) - {"name", "kind", "seeds", "overrides", "from", "axes", "label", "depths", "integrate"})

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from preflexor.config import at_least, load_config, within
 from preflexor.errors import UserError, exit_on_user_error
-from preflexor.utils import append_jsonl
+from preflexor.utils import append_jsonl, json_line
 
 ROOT = Path(__file__).resolve().parent
 HISTORY = Path.home() / ".preflexor_history"
@@ -240,14 +240,14 @@ def read_questions(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise UserError(f"{path}: input file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                rec = json_line(line)
+            except ValueError as e:
+                raise UserError(f"{path}:{n}: {e}") from None
             q = rec.get("question", rec.get("prompt")) if isinstance(rec, dict) else None
             if not isinstance(q, str) or not q.strip():
                 raise UserError(f"{path}:{n}: expected an object with a non-empty string 'question' or 'prompt'")
@@ -256,15 +256,31 @@ def read_questions(path: Path) -> list[tuple[int, str]]:
 
 
 def _done_lines(path: Path) -> dict[int, str]:
-    """Input lines already answered in an existing output file (resume)."""
+    """Input lines already answered in an existing output file (resume). Every line must be a row this program
+    wrote; a torn last line (an interrupted append) is cut away once an earlier row shows the file is ours, and a
+    file that is not ours is refused, never changed."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
     done: dict[int, str] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-                done[int(rec["line"])] = rec["question"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
+    pos = 0
+    for n, line in enumerate(data.split(b"\n"), 1):
+        start, pos = pos, pos + len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            rec = json_line(line)
+            done[int(rec["line"])] = rec["question"]
+        except (ValueError, KeyError, TypeError) as e:
+            if pos <= len(data):  # a complete line: not a row of ours
+                raise UserError(f"{path}:{n}: not an infer.py results row ({str(e) or type(e).__name__}); use "
+                                f"another --output") from None
+            if not done:
+                raise UserError(f"{path}:{n}: not an infer.py results file (refusing to change it); use another "
+                                f"--output") from None
+            with open(path, "r+b") as f:
+                f.truncate(start)
+            print(f"removed a torn last line from {path} (line {n})", file=sys.stderr)
     return done
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from preflexor.errors import UserError
+from preflexor.utils import json_line
 
 ONTOLOGIES = ("UBERON", "CL", "PATO", "CHEBI")
 
@@ -108,15 +109,15 @@ def _load_folder(root: Path) -> list[Document]:
 
 def _load_jsonl(path: Path) -> list[Document]:
     docs, seen = [], set()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+                obj = json_line(line)
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise UserError(f"{where}: expected an object with a string 'text' field")
             doc_id = str(obj.get("id", f"{path.stem}:{lineno}"))

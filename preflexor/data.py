@@ -8,7 +8,6 @@ follows TRL 0.11 (§4.5): if prompt + longer response exceeds `max_length`, the 
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Iterable, Sequence
 import torch
 
 from preflexor.errors import UserError
+from preflexor.utils import json_line
 
 IGNORE_INDEX = -100
 REQUIRED_KEYS = ("prompt", "chosen", "rejected")
@@ -56,12 +56,10 @@ def read_pairs(path: str | Path, skip_bad: bool = False) -> tuple[list[dict], li
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                obj = json_line(raw)
                 reason = validate_record(obj)
-            except UnicodeDecodeError as e:
-                reason = f"not UTF-8 ({e.reason})"
-            except json.JSONDecodeError as e:
-                reason = f"invalid JSON ({e.msg} at column {e.colno})"
+            except ValueError as e:
+                reason = str(e)
             if reason is not None:
                 msg = f"{path}:{lineno}: {reason}"
                 if not skip_bad:

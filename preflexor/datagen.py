@@ -39,7 +39,7 @@ from preflexor.graph import format_triples
 from preflexor.tasks import HELDOUT_START, answer_set
 from preflexor.teacher import BACKGROUND, CATEGORIES, KNOWLEDGE_GRAPH, ChatTeacher, format_context, stable_rng
 from preflexor.thinking import TRIGGER, assemble_thinking
-from preflexor.utils import append_jsonl, atomic_write_text
+from preflexor.utils import append_jsonl, atomic_write_text, json_line
 
 # stage-1 rejected prompt: the question without the thinking trigger, asking for a direct answer (§2.2 step 8)
 DIRECT_ANSWER_PROMPT = "Give the answer to this question: {question}\nThe answer is:"
@@ -207,15 +207,17 @@ def model_rejected(model, tok, questions: Sequence[str], seeds: Sequence[int], s
 
 # -- resumable output --------------------------------------------------------------------------------------------------
 
-def read_existing(path: str | Path, run_id: str | None = None, stride: int = 1) -> list[dict]:
-    """Valid records already in `path`, in order (example indices `stride` apart). A torn last line (no newline, or
-    not JSON) is truncated away; any other bad line, an index out of sequence, or a record from another configuration
-    is a UserError."""
+def read_existing(path: str | Path, run_id: str | None = None, stride: int = 1, repair: bool = True) -> list[dict]:
+    """Valid records already in `path`, in order (example indices `stride` apart). Any bad line, an index out of
+    sequence, or a record from another configuration is a UserError. A torn last line (no newline, or not JSON) is
+    cut away, and a complete last record lacking its newline gets one, but only once the file is known to be ours:
+    at least one complete datagen record before it (of run `run_id` when given). A file this program did not write
+    is refused, never rewritten."""
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
-    records, pos, lineno = [], 0, 0
+    records, pos, lineno, tail = [], 0, 0, None
     while pos < len(data):
         nl = data.find(b"\n", pos)
         line = data[pos:] if nl < 0 else data[pos:nl]
@@ -223,34 +225,41 @@ def read_existing(path: str | Path, run_id: str | None = None, stride: int = 1) 
         is_last = nl < 0 or nl == len(data) - 1
         blank = not line.strip()
         try:
-            obj = None if blank else json.loads(line.decode("utf-8"))
+            obj = None if blank else json_line(line)
             reason = None if blank else validate_record(obj)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            obj, reason = None, "invalid JSON"
-        if nl < 0 and not blank and reason is None:  # a complete record that only lacks its newline
-            with open(path, "ab") as f:
-                f.write(b"\n")
-            nl = len(data)
-        elif nl < 0 or (is_last and reason is not None):  # torn by an interrupted append: cut it away
-            with open(path, "r+b") as f:
-                f.truncate(pos)
-                f.flush()
-                os.fsync(f.fileno())
-            print(f"datagen: removed a torn last line from {path} (line {lineno})", file=sys.stderr)
+        except ValueError as e:
+            obj, reason = None, str(e)
+        if nl < 0 and not blank and reason is None:
+            tail = ("newline", lineno)  # a complete record that only lacks its newline
+        elif not blank and is_last and (nl < 0 or reason is not None):
+            tail = ("torn", lineno, pos, reason or "no newline")  # an interrupted append
             break
         if not blank:
             if reason is not None:
                 raise UserError(f"{path}:{lineno}: {reason}")
             meta = obj.get("meta") or {}
             expected = records[0]["meta"]["index"] + stride * len(records) if records else meta.get("index")
-            if not isinstance(meta.get("index"), int) or meta["index"] != expected:
+            if not isinstance(meta.get("index"), int) or meta["index"] != expected or not meta.get("run"):
                 raise UserError(f"{path}:{lineno}: example index {meta.get('index')!r} out of sequence "
-                                f"(expected {expected}); not a datagen output file?")
-            if run_id is not None and meta.get("run") != run_id:
+                                f"(expected {expected}) or no run id; not a datagen output file?")
+            if run_id is not None and meta["run"] != run_id:
                 raise UserError(f"{path}:{lineno}: written by a different datagen configuration (run "
-                                f"{meta.get('run')}, now {run_id}); use another --out or delete the file")
+                                f"{meta['run']}, now {run_id}); use another --out or delete the file")
             records.append(obj)
         pos = len(data) if nl < 0 else nl + 1
+    if tail is not None and tail[0] == "torn" and not records:
+        raise UserError(f"{path}:{tail[1]}: {tail[3]}; not a datagen output file? (refusing to change it: use "
+                        f"another --out or delete the file)")
+    if tail is not None and repair:
+        with open(path, "r+b") as f:
+            if tail[0] == "newline":
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:
+                f.truncate(tail[2])
+                print(f"datagen: removed a torn last line from {path} (line {tail[1]})", file=sys.stderr)
+            f.flush()
+            os.fsync(f.fileno())
     return records
 
 
@@ -406,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
 
         model, tok = load_model_and_tokenizer(cfg.model)
     t_setup = time.perf_counter() - t0
-    before = len(read_existing(args.out)) if Path(args.out).exists() else 0
+    before = len(read_existing(args.out, repair=False))  # generate_pairs checks the run id, then repairs
     t1 = time.perf_counter()
     records = generate_pairs(args.n, teacher, docs, chunks, graph, retriever, cfg.rejected, model, tok, args.out,
                              cfg.seed, 0, cfg.stage, cfg.topics, cfg.context_chunks, cfg.retrieve_k, cfg.kg_triples,

@@ -68,11 +68,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line and fsync, so an interrupted run never leaves a torn line behind a complete one."""
+    """Append one JSON line and fsync, so an interrupted run never leaves a torn line behind a complete one. After
+    a torn last line (no newline) the record starts a line of its own instead of being glued onto the fragment;
+    readers that own the file cut such fragments away first (datagen.read_existing, infer.run_batch)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with open(path, "a+b") as f:
+        torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+        f.write((b"\n" if torn else b"") + (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -101,3 +104,23 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def json_line(raw: bytes | str):
+    """One JSONL line parsed, or ValueError with the reason in a few words: not UTF-8, invalid JSON, nested too
+    deeply, or a string holding a lone surrogate (valid JSON such as "\\ud800" that no tokenizer or UTF-8 writer
+    accepts, so it is refused where it enters rather than deep in the tokenizer)."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        obj = json.loads(text.rstrip("\r\n"))  # columns counted in the line, not past its end
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"a string holds a lone surrogate (U+{ord(e.object[e.start]):04X}), not valid text") from None
+    return obj

@@ -59,7 +59,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "fine"}\n{"question": \n')
     r = infer("--model", tmp_path / "nope", "--input", bad, "--output", tmp_path / "o.jsonl")
-    assert r.returncode == 2 and r.stderr.strip() == f"error: {bad}:2: not valid JSON (Expecting value)"
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {bad}:2: invalid JSON (Expecting value at column 14)"
     assert not (tmp_path / "o.jsonl").exists()
     bad.write_text('{"text": "no question key"}\n')
     r = infer("--input", bad)
