@@ -31,7 +31,7 @@ from preflexor.metrics import MetricsLog, format_rate, graded_accuracy, paired_d
 from preflexor.optim import build_optimizer, lr_factor, set_lr
 from preflexor.peft_io import save_adapter
 from preflexor.preference import evaluate_pairs, preference_loss
-from preflexor.resume import resume_point, rng_states, save_checkpoint
+from preflexor.resume import resume_point, rng_states, save_checkpoint, start_state, tidy_run_dir
 from preflexor.runtime import all_reduce_grads, all_reduce_mean, seed_everything, setup_runtime
 from preflexor.tasks import RelationChecker
 from preflexor.utils import atomic_write_json, git_hash
@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> dict:
     rt = setup_runtime(tc.device, cfg.model.dtype, timeout_s=tc.dist_timeout_s)
     seed_everything(tc.seed)
     if rt.main:
-        atomic_write_json(out_dir / "config.json", {**to_dict(cfg), "git": git_hash(), "stage": 1})
         print(f"loss: {lc.name} {lc.hparams()}")
 
     # --- model: base + reasoning tokens + LoRA (+ the new tokens' rows) + the speed paths ---------------------
@@ -70,8 +69,23 @@ def main(argv: list[str] | None = None) -> dict:
     if rt.main:
         print_trainable(model)
 
-    # --- data: a preference JSONL, or the active loop's generator; held-out pairs; the format rate before ------
+    # --- optimizer and the resume point, checked (model, settings) before anything is written into out_dir ----
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, rt.device, cfg.lora.new_rows_lr)
+    total = tc.iterations * tc.steps_per_iteration
+    ckpt = resume_point(out_dir / "checkpoints", tc.resume, model, optimizer, to_dict(cfg), tc.allow_resume_changes,
+                        rt.main)
+
+    # --- data: a preference JSONL (read and checked here), or the active loop's generator ---------------------
     source = PairSource(cfg, tok, model, rt, out_dir, stage=1)
+
+    # --- the run directory: written from here on, the command being valid (model, resume point, pair file) ----
+    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=rt.main)
+    if rt.main:
+        tidy_run_dir(out_dir, ckpt, metrics)  # stale temporaries; the log cut back to the resume point
+        atomic_write_json(out_dir / "config.json", {**to_dict(cfg), "git": git_hash(), "stage": 1})
+
+    # --- held-out pairs; the format rate before ---------------------------------------------------------------
     heldout = source.heldout()
     held_ex, _ = tokenize_for(tok, heldout, cfg.data, lc, seed=0)
     questions = [r["prompt"] for r in heldout[:tc.eval_generations]]
@@ -91,14 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     before, answers_before = format_check(), answer_check(reuse_from=cfg.model.source)
 
-    # --- optimizer, log, resume -------------------------------------------------------------------------------
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, rt.device, cfg.lora.new_rows_lr)
-    total = tc.iterations * tc.steps_per_iteration
-    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=rt.main)
-    state, resumed = resume_point(out_dir / "checkpoints", tc.resume, model, optimizer, rt)
-    if resumed is None and rt.main and metrics.path.exists():
-        metrics.path.unlink()  # a fresh run starts a fresh log
+    # --- resume: the checkpoint's weights and RNG states, here, after the "before" evaluation -----------------
+    state = start_state(ckpt, model, rt)
 
     def run_eval(step: int) -> dict:
         if not held_ex:
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         return ev
 
     # --- the loop: each iteration's pairs (generated with the current model), then its optimizer steps --------
-    last_eval = run_eval(0) if state["global_step"] == 0 else {}
+    last_eval = run_eval(0) if state["global_step"] == 0 else state.pop("last_eval", {})  # not logged twice
     bar = tqdm(total=total, initial=state["global_step"], desc="train", disable=not rt.main, dynamic_ncols=True)
     while state["iteration"] < tc.iterations:
         it = state["iteration"]
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (tc.save_every and step % tc.save_every == 0) or end_of_iteration:
                 rng = rng_states(rt)  # every rank's, so that each resumes its own
                 if rt.main:
-                    save_checkpoint(out_dir / "checkpoints", step, model, optimizer, state, tc.keep_last, rng)
+                    save_checkpoint(out_dir / "checkpoints", step, model, optimizer, {**state, "last_eval": last_eval},
+                                    tc.keep_last, rng, config=to_dict(cfg))
             if rt.world > 1:
                 dist.barrier()
             if end_of_iteration:

@@ -139,6 +139,9 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps; 0 = at the end of every iteration only
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint dir>
+    # a resume whose settings differ from the checkpoint's (lr, loss, data, LoRA scale, ...; resume.FREE_KEYS are
+    # exempt) is refused; true = continue with the new ones, the changes printed
+    allow_resume_changes: bool = False
     log_every: int = 1
     eval_generations: int = 8  # held-out greedy generations for the thinking-format rate
     eval_max_new_tokens: int = 96

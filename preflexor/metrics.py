@@ -24,7 +24,7 @@ from preflexor.runtime import shard_map
 from preflexor.sampler import generate_ex
 from preflexor.thinking import (THINK_START, TRIGGER, AnswerWatch, FormatWatch, final_answer, split_thinking,
                                 strip_tags, thinking_prefix)
-from preflexor.utils import append_jsonl, atomic_write_text, save_png
+from preflexor.utils import append_jsonl, atomic_write, atomic_write_text, save_png
 
 _WORD = re.compile(r"[^\W_]+")  # letters and digits; punctuation and underscores separate words
 
@@ -67,6 +67,28 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, step: int) -> int:
+        """Keep the lines up to optimizer step `step` and rewrite the file atomically: a resumed run logs the steps
+        after its checkpoint again (a kill after a step's line but before its checkpoint would log it twice), and a
+        line torn by a kill goes too. Returns how many lines were dropped (the file is untouched when none)."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        keep, dropped = [], 0
+        for raw in self.path.read_bytes().splitlines(keepends=True):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:  # torn by a kill during the append (or not UTF-8)
+                rec = None
+            if isinstance(rec, dict) and not (isinstance(rec.get("step"), int) and rec["step"] > step):
+                keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write(self.path, lambda f: f.writelines(keep), binary=True)
+        return dropped
 
 
 def plot_metrics(records: list[dict], out_png: Path, keys: tuple[str, ...] = (

@@ -45,8 +45,13 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> N
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory beside `path` that replaces `path` on success and is deleted on error, so a reader
-    sees either the old directory or the complete new one, never a half-written one."""
+    """Yield a temp directory `.<name>.<random>.tmp` beside `path` that replaces `path` on success and is deleted on
+    error, so a reader never sees a half-written directory.
+
+    A kill skips that cleanup and can leave the temp directory; replacing an existing `path` takes two renames
+    (it to `.<name>.old`, the temp directory to `path`), so a kill between them leaves no `path` at all: the old
+    one is in `.<name>.old`, the new one in the temp directory (resume.tidy_run_dir cleans up after a training
+    run's checkpoints and final/)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
