@@ -6,9 +6,23 @@ when built with a recursive reasoner), `GET /v1/models`, `GET /health`. One work
 batches queued requests whose sampling settings agree (greedy ones always do) into one `generate_ex` call; each
 keeps its own prompt, seed, token limit and stop strings, so batching changes no answer. Stop strings end a choice
 as tokens arrive, the text cut before them. Reasoning tokens (`<|thinking|>`, ...) are encoded as single ids and
-kept in the reply as text; template control tokens are dropped. Bad requests (malformed JSON, wrong fields, a prompt
-over `max_prompt_tokens`, a body over `MAX_BODY_BYTES`) get HTTP 400 with an OpenAI-style
-`{"error": {"message", "type", "param", "code"}}` and the server keeps serving. It binds 127.0.0.1 by default.
+kept in the reply as text; template control tokens are dropped. Bad requests (malformed or too deeply nested JSON,
+text that is not valid Unicode, wrong fields, a seed outside int64, a prompt over `max_prompt_tokens`, a body over
+`MAX_BODY_BYTES`) get HTTP 400 with an OpenAI-style `{"error": {"message", "type", "param", "code"}}` and the server
+keeps serving; so do the HTTP layer's own errors (a broken request line, headers too large, an unknown method).
+It binds 127.0.0.1 by default.
+
+Limits under load (module constants are the defaults; `build_server`/`serve` arguments and the CLI flags change them):
+- Queue: at most `max_queue_rows` (`MAX_QUEUE_ROWS`, --max-queue-rows) rows (requests x n) queued or running, and at
+  most `max_client_rows` (`MAX_CLIENT_ROWS`, --max-client-rows) of them from one client IP. Past them a request gets
+  503 (server full) or 429 (over its share) with a `Retry-After` header, never a refused connection; a request with
+  n above the share is a 400.
+- A request whose client has closed its connection is cancelled: while it waits, its handler checks the socket every
+  `POLL_S` seconds, and the worker drops its rows at the next token (or before they start).
+- Every socket read or write may block at most `read_timeout` seconds (`READ_TIMEOUT_S`, --read-timeout): a client
+  that stalls mid-request, or idles on a kept-alive connection, is cut and its thread ends; a stalled body gets 408.
+- The listen backlog is `backlog` (`LISTEN_BACKLOG`, --backlog; the kernel caps it at net.core.somaxconn), so a burst
+  of connections waits to be accepted instead of being refused.
 """
 from __future__ import annotations
 
@@ -16,11 +30,14 @@ import argparse
 import collections
 import json
 import queue
+import select
+import socket
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -32,6 +49,13 @@ DRAIN_BYTES = 64 << 20
 MAX_N = 16
 MAX_STOP = 4  # as OpenAI
 MAX_BATCH_ROWS = 16  # rows (requests x n) the worker batches into one sampler call
+MAX_QUEUE_ROWS = 64  # rows queued or running, all clients together (4 full batches); past it a 503
+MAX_CLIENT_ROWS = 32  # rows queued or running from one client IP (two n=16 requests); past it a 429
+RETRY_AFTER_S = 1  # the Retry-After of a 503 / 429
+READ_TIMEOUT_S = 30.0  # seconds one socket read or write may block
+LISTEN_BACKLOG = 128  # connections the kernel holds before accept (http.server's default of 5 refuses bursts)
+POLL_S = 0.25  # how often a waiting request checks that its client is still connected
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 63 - 1  # int64, as OpenAI; seed + j (j < MAX_N) still fits torch's 64 bits
 ROLES = ("system", "user", "assistant", "developer", "tool")
 
 RecursiveFn = Callable[..., "str | dict"]
@@ -41,9 +65,10 @@ class RequestError(Exception):
     """A client mistake, answered with HTTP `status` and an OpenAI-style error body."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", retry_after: int | None = None):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -104,6 +129,16 @@ def _content_text(content, i: int) -> str:
                        param=f"messages[{i}].content", code="invalid_type")
 
 
+def _check_unicode(text: str, param: str) -> str:
+    """JSON's \\u escapes can carry lone surrogates ("\\ud800"), which are no text: the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} is not valid Unicode (a lone surrogate at character {e.start})", param=param,
+                           code="invalid_value") from None
+    return text
+
+
 def parse_messages(raw) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise RequestError("'messages' must be a non-empty list of {role, content} objects", param="messages",
@@ -117,7 +152,8 @@ def parse_messages(raw) -> list[dict]:
         if role not in ROLES:
             raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(role)[:40]}",
                                param=f"messages[{i}].role", code="invalid_value")
-        out.append({"role": "system" if role == "developer" else role, "content": _content_text(m.get("content"), i)})
+        content = _check_unicode(_content_text(m.get("content"), i), f"messages[{i}].content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
 
@@ -139,7 +175,8 @@ def parse_request(body, tokenizer, max_prompt_tokens: int, max_tokens_limit: int
     stop = _get(body, "stop", lambda v: _is_str(v) or (isinstance(v, list) and all(map(_is_str, v))),
                 f"a string or a list of at most {MAX_STOP} strings", [], lambda v: _is_str(v) or len(v) <= MAX_STOP)
     stop = [s for s in ([stop] if _is_str(stop) else stop) if s]
-    seed = _get(body, "seed", _is_int, "an integer")
+    seed = _get(body, "seed", _is_int, f"an integer in [{SEED_MIN}, {SEED_MAX}]", None,
+                lambda v: SEED_MIN <= v <= SEED_MAX)
     stream = _get(body, "stream", _is_bool, "a boolean", False)
     include_usage = _get(body, "stream_options", lambda v: isinstance(v, dict), "an object", {}).get("include_usage")
     cont = _get(body, "continue_final_message", _is_bool, "a boolean", False)
@@ -204,12 +241,14 @@ class ChoiceText:
 
 
 # -- the model worker -----------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (deque.remove)
 class Job:
     req: ChatRequest
+    client: str = ""  # the client's IP: its share of the queue
     # ("delta", choice index, text) | ("done", {"choices", "usage"}) | ("error", RequestError)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
+    released: bool = False  # its rows no longer count against the queue limits
 
     def batch_key(self):
         r = self.req
@@ -219,22 +258,65 @@ class Job:
 
 
 class Engine:
-    """Owns the model: one worker thread runs the queued jobs, batching compatible ones."""
+    """Owns the model: one worker thread runs the queued jobs, batching compatible ones. At most `max_queue_rows`
+    rows (requests x n) are queued or running, at most `max_client_rows` of them from one client."""
 
-    def __init__(self, model, tokenizer, recursive_fn: RecursiveFn | None = None, max_batch_rows: int = MAX_BATCH_ROWS):
+    def __init__(self, model, tokenizer, recursive_fn: RecursiveFn | None = None, max_batch_rows: int = MAX_BATCH_ROWS,
+                 max_queue_rows: int = MAX_QUEUE_ROWS, max_client_rows: int = MAX_CLIENT_ROWS):
         self.model, self.tok, self.recursive_fn, self.max_batch_rows = model, tokenizer, recursive_fn, max_batch_rows
+        # a share above the whole queue is the whole queue (so an n between them is a 400, not a 503 forever)
+        self.max_queue_rows, self.max_client_rows = max_queue_rows, min(max_client_rows, max_queue_rows)
         self._jobs: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
+        self.rows = 0  # rows queued or running
+        self._client_rows: collections.Counter[str] = collections.Counter()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="preflexor-model-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, req: ChatRequest) -> Job:
-        job = Job(req)
+    def submit(self, req: ChatRequest, client: str = "") -> Job:
+        """Queue a request, or a `RequestError` when its rows do not fit: 503 when the server is full, else 429 when
+        the client's share is used up."""
+        if req.n > self.max_client_rows:  # would never fit: the client's mistake, not a reason to retry
+            raise RequestError(f"n={req.n} is more than this server's {self.max_client_rows} rows per client",
+                               param="n", code="invalid_value")
         with self._cv:
+            if self.rows + req.n > self.max_queue_rows:
+                raise RequestError(f"the server is full ({self.rows} of {self.max_queue_rows} rows queued or "
+                                   "running): retry later", code="server_overloaded", status=503,
+                                   kind="server_error", retry_after=RETRY_AFTER_S)
+            if self._client_rows[client] + req.n > self.max_client_rows:
+                raise RequestError(f"this client already has {self._client_rows[client]} rows queued or running, "
+                                   f"its share is {self.max_client_rows}: retry after one finishes",
+                                   code="rate_limit_exceeded", status=429, kind="requests", retry_after=RETRY_AFTER_S)
+            job = Job(req, client)
+            self.rows += req.n
+            self._client_rows[client] += req.n
             self._jobs.append(job)
             self._cv.notify()
         return job
+
+    def cancel(self, job: Job) -> None:
+        """The client has gone: drop the job if it waits, end its rows at the next token if it runs."""
+        with self._cv:
+            job.cancelled = True
+            if job in self._jobs:
+                self._jobs.remove(job)
+            self._release(job)
+
+    def _release(self, job: Job) -> None:  # holding self._cv
+        if not job.released:
+            job.released = True
+            self.rows -= job.req.n
+            self._client_rows[job.client] -= job.req.n
+            if not self._client_rows[job.client]:
+                del self._client_rows[job.client]
+
+    def _finish(self, job: Job, event: tuple) -> None:
+        """Free the job's rows, then send its last event: a client that asks again at once finds them free."""
+        with self._cv:
+            self._release(job)
+        job.events.put(event)
 
     def close(self) -> None:
         with self._cv:
@@ -269,11 +351,11 @@ class Engine:
                     self._run_batch(batch)
             except UserError as e:  # e.g. the reasoner refusing a request: the client's mistake
                 for job in batch:
-                    job.events.put(("error", RequestError(str(e))))
+                    self._finish(job, ("error", RequestError(str(e))))
             except Exception as e:  # the server keeps serving; the requests in this batch get a 500
                 err = RequestError(f"generation failed: {type(e).__name__}: {e}", status=500, kind="server_error")
                 for job in batch:
-                    job.events.put(("error", err))
+                    self._finish(job, ("error", err))
 
     def _run_batch(self, batch: list[Job]) -> None:
         first = batch[0].req
@@ -307,7 +389,7 @@ class Engine:
                 reason = FINISH_STOP if ct.stopped else res.finish_reasons[i][c]
                 choices.append({"text": ct.text, "finish_reason": reason})
             usage = {"prompt_tokens": len(job.req.prompt_ids), "completion_tokens": sum(len(t) for t in res.tokens[i])}
-            job.events.put(("done", {"choices": choices, "usage": usage}))
+            self._finish(job, ("done", {"choices": choices, "usage": usage}))
 
     def _run_recursive(self, job: Job) -> None:
         r = job.req
@@ -320,33 +402,82 @@ class Engine:
             job.events.put(("delta", 0, text))
         usage = {"prompt_tokens": int(out.get("prompt_tokens", len(r.prompt_ids))),
                  "completion_tokens": int(out.get("completion_tokens", 0))}
-        job.events.put(("done", {"choices": [{"text": text, "finish_reason": out.get("finish_reason", FINISH_STOP)}],
-                                 "usage": usage, "trace": out.get("trace")}))
+        self._finish(job, ("done", {"choices": [{"text": text, "finish_reason": out.get("finish_reason", FINISH_STOP)}],
+                                    "usage": usage, "trace": out.get("trace")}))
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------------
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    timeout = 120  # seconds a socket read or write may block (slow or stalled clients)
     server: "ChatServer"
+
+    def setup(self):
+        self.timeout = self.server.read_timeout  # StreamRequestHandler.setup puts it on the socket
+        super().setup()
 
     def log_message(self, fmt, *args):
         if self.server.verbose:
             sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
+    # -- the HTTP layer
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if not self.path.startswith("/"):  # else a route miss answered keep-alive: clients reading to EOF hang
+            self.send_error(HTTPStatus.BAD_REQUEST, f"the request target must start with '/', got {self.path[:80]!r}")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, headers too large, unknown method, ...) as OpenAI-style JSON
+        rather than its HTML page. The connection is closed: the rest of the request was not read."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # the line was too broken to give a version: still send a status line
+            self.request_version = "HTTP/1.1"
+        phrase = HTTPStatus(code).phrase
+        text = f"{message or phrase}{f': {explain}' if explain else ''}"
+        self.log_error("code %d, message %s", code, text)
+        self._send_error(RequestError(text, code=phrase.lower().replace(" ", "_").replace("-", "_"), status=code,
+                                      kind="invalid_request_error" if code < 500 else "server_error"))
+
     # -- plumbing
-    def _send_json(self, status: int, obj: dict) -> None:
+    def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
         data = json.dumps(obj).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
     def _send_error(self, err: RequestError) -> None:
-        self._send_json(err.status, err.body())
+        retry = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+        self._send_json(err.status, err.body(), retry)
+
+    def _client_gone(self) -> bool:
+        """True when the client has closed its side: the socket reads as EOF (or reset). Bytes it sent ahead (a
+        pipelined request) stay unread: MSG_PEEK only looks. A client that half-closes after sending its request
+        (shutdown SHUT_WR, which HTTP clients do not do) looks the same and is cancelled too."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:  # reset by the peer
+            return True
+
+    def _next_event(self, job: Job) -> tuple:
+        """The job's next event; while none comes, a client that has gone raises ConnectionResetError (the caller
+        cancels the job), so a queued or running request does not outlive its client."""
+        while True:
+            try:
+                return job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._client_gone():
+                    raise ConnectionResetError("the client closed the connection") from None
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -375,13 +506,24 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(got)
             raise RequestError(f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES} bytes",
                                code="request_too_large")
-        return self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(f"the request body did not arrive within {self.timeout:g} s", code="request_timeout",
+                               status=408) from None
+        if len(raw) < length:  # the client closed its side early (it may still read the answer)
+            self.close_connection = True
+            raise RequestError(f"the body ended after {len(raw)} of its {length} bytes (Content-Length)",
+                               code="incomplete_body")
+        return raw
 
     # -- routes
     def do_GET(self):
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/health":
-            self._send_json(200, {"status": "ok", "model": self.server.model_name})
+            self._send_json(200, {"status": "ok", "model": self.server.model_name,
+                                  "queue_rows": self.server.engine.rows})
         elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "created": self.server.created,
@@ -399,25 +541,27 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError(f"no route {self.path}", code="not_found", status=404)
             try:
                 body = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except RecursionError:
+                raise RequestError("the request body is nested too deeply", code="invalid_json") from None
+            except ValueError as e:  # bad UTF-8, bad JSON, an integer of over 4300 digits
                 raise RequestError(f"the request body is not valid JSON ({e})", code="invalid_json") from None
             req = self.server.parse(body)
+            job = self.server.engine.submit(req, self.client_address[0])
         except RequestError as e:
             self._send_error(e)
             return
-        job = self.server.engine.submit(req)
         try:
             if req.stream:
                 self._stream(job)
             else:
                 self._complete(job)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            job.cancelled = True  # the worker drops this request's rows at the next token
+        except (ConnectionError, TimeoutError):  # a failed write, or _next_event finding the client gone
+            self.server.engine.cancel(job)  # the worker drops this request's rows at the next token
             self.close_connection = True
 
     def _complete(self, job: Job) -> None:
         while True:
-            kind, *payload = job.events.get()
+            kind, *payload = self._next_event(job)
             if kind == "error":
                 self._send_error(payload[0])
                 return
@@ -436,7 +580,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, job: Job) -> None:
         rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.server.model_name
-        kind, *payload = job.events.get()
+        kind, *payload = self._next_event(job)
         if kind == "error":  # failed before any token: a plain JSON error
             self._send_error(payload[0])
             return
@@ -458,7 +602,7 @@ class Handler(BaseHTTPRequestHandler):
         while kind == "delta":
             index, text = payload
             event([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
-            kind, *payload = job.events.get()
+            kind, *payload = self._next_event(job)
         if kind == "error":  # headers are out: report it in-band, as OpenAI does, then end the stream
             self._chunk(b"data: " + json.dumps(payload[0].body()).encode("utf-8") + b"\n\n")
         else:
@@ -477,9 +621,11 @@ class ChatServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address, engine: Engine, model_name: str, max_prompt_tokens: int, max_tokens_limit: int,
-                 verbose: bool = False):
-        self.engine, self.model_name, self.verbose = engine, model_name, verbose  # before binding: a failed bind
-        try:                                                                      # calls server_close
+                 verbose: bool = False, read_timeout: float = READ_TIMEOUT_S, backlog: int = LISTEN_BACKLOG):
+        # set before binding: a failed bind calls server_close (closing the engine); listen() reads the backlog
+        self.engine, self.model_name, self.verbose = engine, model_name, verbose
+        self.read_timeout, self.request_queue_size = read_timeout, backlog
+        try:
             super().__init__(address, Handler)
         except OSError as e:
             raise UserError(f"--serve: cannot listen on {address[0]}:{address[1]} ({e.strerror or e})") from None
@@ -497,24 +643,41 @@ class ChatServer(ThreadingHTTPServer):
                 raise RequestError("'recursive' supports n=1 only", param="n", code="unsupported_parameter")
         return req
 
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # the client left while we answered: nobody to tell
+            return
+        super().handle_error(request, client_address)
+
     def server_close(self) -> None:
         super().server_close()
         self.engine.close()
 
 
+def check_limits(**limits: float) -> None:
+    """The queue, timeout and backlog limits are positive (a UserError naming the CLI flag otherwise)."""
+    for name, v in limits.items():
+        if not v > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+
+
 def build_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_name: str = "preflexor",
                  max_prompt_tokens: int | None = None, max_tokens_limit: int = 1024,
-                 recursive_fn: RecursiveFn | None = None, verbose: bool = False) -> ChatServer:
+                 recursive_fn: RecursiveFn | None = None, verbose: bool = False,
+                 max_queue_rows: int = MAX_QUEUE_ROWS, max_client_rows: int = MAX_CLIENT_ROWS,
+                 read_timeout: float = READ_TIMEOUT_S, backlog: int = LISTEN_BACKLOG) -> ChatServer:
     """Bind the server (port 0 picks a free one: see `server.server_address`) and start its model worker; call
     `serve_forever()` to answer requests and `server_close()` to stop. `recursive_fn(messages, rounds,
     temperature=..., max_tokens=...)` answers requests with `recursive: N`; it returns the answer text, or a dict
     with "content" and optionally "prompt_tokens", "completion_tokens", "finish_reason" and a JSON-able "trace"
-    (returned as `preflexor_trace`)."""
+    (returned as `preflexor_trace`). The queue, timeout and backlog limits are described in the module docstring."""
+    check_limits(max_queue_rows=max_queue_rows, max_client_rows=max_client_rows, read_timeout=read_timeout,
+                 backlog=backlog)
     context = model.config.max_position_embeddings
     max_prompt_tokens = min(max_prompt_tokens or context - 1, context - 1)
-    engine = Engine(model, tokenizer, recursive_fn)
+    engine = Engine(model, tokenizer, recursive_fn, max_queue_rows=max_queue_rows, max_client_rows=max_client_rows)
     try:
-        return ChatServer((host, port), engine, model_name, max_prompt_tokens, max_tokens_limit, verbose)
+        return ChatServer((host, port), engine, model_name, max_prompt_tokens, max_tokens_limit, verbose,
+                          read_timeout, backlog)
     except BaseException:
         engine.close()
         raise
@@ -522,10 +685,11 @@ def build_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, mo
 
 def serve(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_name: str = "preflexor",
           max_prompt_tokens: int | None = None, max_tokens_limit: int = 1024,
-          recursive_fn: RecursiveFn | None = None, verbose: bool = False) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+          recursive_fn: RecursiveFn | None = None, verbose: bool = False, **limits) -> None:
+    """Serve until interrupted (Ctrl-C); `limits` are `build_server`'s max_queue_rows, max_client_rows,
+    read_timeout and backlog."""
     server = build_server(model, tokenizer, host, port, model_name, max_prompt_tokens, max_tokens_limit,
-                          recursive_fn, verbose)
+                          recursive_fn, verbose, **limits)
     h, p = server.server_address[:2]
     print(f"serving {model_name} on http://{h}:{p}/v1 (chat completions; GET /health)", file=sys.stderr, flush=True)
     try:
@@ -547,11 +711,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-name", default=None, help="id reported by /v1/models (default: --model)")
     ap.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: context)")
+    ap.add_argument("--max-queue-rows", type=int, default=MAX_QUEUE_ROWS,
+                    help="rows (requests x n) queued or running before new requests get 503")
+    ap.add_argument("--max-client-rows", type=int, default=MAX_CLIENT_ROWS,
+                    help="rows queued or running from one client IP before its new requests get 429")
+    ap.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S,
+                    help="seconds one socket read or write may block before the connection is cut")
+    ap.add_argument("--backlog", type=int, default=LISTEN_BACKLOG, help="listen backlog (pending connections)")
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = ap.parse_args(argv)
+    limits = dict(max_queue_rows=args.max_queue_rows, max_client_rows=args.max_client_rows,
+                  read_timeout=args.read_timeout, backlog=args.backlog)
+    check_limits(**limits)  # before the model loads
     model, tok = load_model_and_tokenizer(args.model)
     serve(model, tok, args.host, args.port, args.model_name or args.model, args.max_prompt_tokens,
-          args.max_tokens_limit, verbose=args.verbose)
+          args.max_tokens_limit, verbose=args.verbose, **limits)
 
 
 if __name__ == "__main__":
