@@ -131,7 +131,7 @@ def load_grid(path: str | Path) -> Grid:
             raise UserError(f"{where}: must be a mapping")
         name, kind = str(_req(c, "name", where, (str, int))), _req(c, "kind", where, str)
         if not _NAME.fullmatch(name):
-            raise UserError(f"{where}: name {name!r} must start with a letter, digit or _ and use only those and . + = -")
+            raise UserError(f"{where}: name {name!r} must start with a letter, digit or _, then those or . + = -")
         if kind not in KINDS:
             raise UserError(f"{where}: kind {kind!r} (valid: {', '.join(KINDS)})")
         bad = sorted(set(c) - {"name", "kind", "seeds", "overrides", "from", "axes", "label", "depths", "integrate"})

@@ -15,11 +15,10 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from preflexor import fast
+from preflexor import fast, fsdp
 from preflexor.checkpoint import load_model_and_tokenizer, save_model
 from preflexor.config import RunConfig, load_config, to_dict
 from preflexor.data import collate_pairs, take_items, tokenize_for
@@ -31,7 +30,7 @@ from preflexor.metrics import MetricsLog, format_rate, graded_accuracy, paired_d
 from preflexor.optim import build_optimizer, lr_factor, set_lr
 from preflexor.peft_io import save_adapter
 from preflexor.preference import evaluate_pairs, preference_loss
-from preflexor.resume import resume_point, rng_states, save_checkpoint, start_state, tidy_run_dir
+from preflexor.resume import resume_point, rng_states, save_checkpoint, snapshot, start_state, tidy_run_dir
 from preflexor.runtime import all_reduce_grads, all_reduce_mean, seed_everything, setup_runtime
 from preflexor.tasks import RelationChecker
 from preflexor.utils import atomic_write_json, git_hash
@@ -68,6 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     if rt.main:
         print_trainable(model)
+    if tc.fsdp:  # FSDP2: each rank keeps 1/world of every weight between uses (preflexor/fsdp.py)
+        if rt.world < 2:
+            raise UserError("train.fsdp=true shards over torchrun's processes: use torchrun --nproc_per_node 2+")
+        fsdp.shard(model, rt)
+        if rt.main:
+            print(f"FSDP2: layers and root sharded over {rt.world} ranks")
 
     # --- optimizer and the resume point, checked (model, settings) before anything is written into out_dir ----
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -86,22 +91,25 @@ def main(argv: list[str] | None = None) -> dict:
         atomic_write_json(out_dir / "config.json", {**to_dict(cfg), "git": git_hash(), "stage": 1})
 
     # --- held-out pairs; the format rate before ---------------------------------------------------------------
-    heldout = source.heldout()
+    with fsdp.gathered(model):  # generation (held-out rejected answers) on whole weights
+        heldout = source.heldout()
     held_ex, _ = tokenize_for(tok, heldout, cfg.data, lc, seed=0)
     questions = [r["prompt"] for r in heldout[:tc.eval_generations]]
 
     def format_check() -> dict | None:  # greedy answers to the held-out questions, each rank answering its share
         if not questions:
             return None
-        return format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt, rt=rt)
+        with fsdp.gathered(model):
+            return format_rate(model, tok, questions, tc.eval_max_new_tokens, cfg.data.system_prompt, rt=rt)
 
     graded = source.answer_set(tc.eval_answers)  # the fixed evaluation set: held-out concepts, gold answers
 
     checker = RelationChecker(source.graph()) if graded else None  # thinking factuality against the graph
 
     def answer_check(reuse_from: str | None = None) -> dict | None:  # exact-answer accuracy of greedy answers
-        return graded_accuracy(model, tok, graded, tc.eval_answer_tokens, cfg.data.system_prompt, rt, checker,
-                               reuse_from)
+        with fsdp.gathered(model):
+            return graded_accuracy(model, tok, graded, tc.eval_answer_tokens, cfg.data.system_prompt, rt, checker,
+                                   reuse_from)
 
     before, answers_before = format_check(), answer_check(reuse_from=cfg.model.source)
 
@@ -111,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     def run_eval(step: int) -> dict:
         if not held_ex:
             return {}
-        ev = evaluate_pairs(model, held_ex, tok.pad_id, lc, rt)
+        with fsdp.gathered(model):
+            ev = evaluate_pairs(model, held_ex, tok.pad_id, lc, rt)
         ev = {f"eval/{k}": v for k, v in ev.items() if k not in ("margins", "n_pairs")}
         metrics.log({"step": step, **ev})
         return ev
@@ -121,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=total, initial=state["global_step"], desc="train", disable=not rt.main, dynamic_ncols=True)
     while state["iteration"] < tc.iterations:
         it = state["iteration"]
-        examples, dropped = tokenize_for(tok, source.for_iteration(it), cfg.data, lc, seed=tc.seed + it)
+        with fsdp.gathered(model):  # the iteration's pairs, rejected answers sampled from the current model
+            pairs = source.for_iteration(it)
+        examples, dropped = tokenize_for(tok, pairs, cfg.data, lc, seed=tc.seed + it)
         if not examples:
             raise UserError(f"iteration {it}: no usable pairs ({dropped} dropped by truncation; raise data.max_length)")
         while state["step_in_iteration"] < tc.steps_per_iteration:
@@ -138,10 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
                 for k, v in {"loss": losses, **m}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean()) / tc.grad_accum
                 n_tokens += int(batch["attention_mask"].sum())
-            all_reduce_grads(trainable, rt.world)
-            grad_norm = 0.0
-            if tc.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
+            if not fsdp.sharded(model):  # FSDP has reduce-scattered (averaged) them already
+                all_reduce_grads(trainable, rt.world)
+            grad_norm = fsdp.clip_grad_norm(trainable, tc.max_grad_norm) if tc.max_grad_norm > 0 else 0.0
             lr = set_lr(optimizer, tc.lr, lr_factor(state["global_step"], tc.schedule, tc.warmup_steps, total))
             optimizer.step()
             state["global_step"] += 1
@@ -162,8 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
                 state.update(iteration=it + 1, step_in_iteration=0, position=0)
             if (tc.save_every and step % tc.save_every == 0) or end_of_iteration:
                 rng = rng_states(rt)  # every rank's, so that each resumes its own
+                snap = snapshot(model, optimizer)  # whole tensors (a collective under FSDP)
                 if rt.main:
-                    save_checkpoint(out_dir / "checkpoints", step, model, optimizer, {**state, "last_eval": last_eval},
+                    save_checkpoint(out_dir / "checkpoints", step, snap, {**state, "last_eval": last_eval},
                                     tc.keep_last, rng, config=to_dict(cfg))
             if rt.world > 1:
                 dist.barrier()
@@ -179,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
                "answers_after": answers_after,
                "answers_delta": paired_delta(answers_before, answers_after) if answers_before else None}
     if not rt.main:
-        return summary
+        with fsdp.gathered(model):  # rank 0 saves the whole weights (a collective under FSDP)
+            return summary
     plot_metrics(metrics.read(), out_dir / "curves.png")
     if before and after:
         print(f"thinking-format rate: before {before['format_rate']:.2f} -> after {after['format_rate']:.2f} "
@@ -191,12 +203,13 @@ def main(argv: list[str] | None = None) -> dict:
               f"format {answers_before['format_rate']:.2f} -> {answers_after['format_rate']:.2f}, truncated "
               f"{answers_before['truncated_rate']:.2f} -> {answers_after['truncated_rate']:.2f}")
     print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()))
-    save_adapter(model, out_dir / "final" / "adapter", base_model_name_or_path=cfg.model.source)
-    if tc.save_merged:
-        merge_lora(model)
-        save_model(model, tok, out_dir / "final" / "model")
-        if answers_after:
-            save_answer_eval(out_dir / "final" / "model", answers_after["key"], answers_after)
+    with fsdp.gathered(model):
+        save_adapter(model, out_dir / "final" / "adapter", base_model_name_or_path=cfg.model.source)
+        if tc.save_merged:
+            merge_lora(model)
+            save_model(model, tok, out_dir / "final" / "model")
+            if answers_after:
+                save_answer_eval(out_dir / "final" / "model", answers_after["key"], answers_after)
     atomic_write_json(out_dir / "summary.json", summary)
     print(f"saved {out_dir / 'final'}")
     return summary

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from preflexor import fsdp
 from preflexor.assets import cache_dir, smollm2_gguf_path
 from preflexor.errors import UserError
 from preflexor.model import ModelArgs, Transformer, rope_inv_freq
@@ -386,7 +387,7 @@ def load_model_and_tokenizer(source: str | os.PathLike, dtype: torch.dtype | str
 
 
 def _write_hf(model: Transformer, tokenizer: Tokenizer, d: Path, dtype: torch.dtype | None) -> None:
-    sd = model.state_dict()
+    sd = fsdp.state_dict(model)  # the whole tensors of an FSDP model (inside fsdp.gathered)
     lora = [k for k in sd if "lora_" in k]
     if lora:
         raise ValueError(f"model has LoRA weights ({lora[0]}, ...): merge them first (preflexor.lora.merge_lora)")

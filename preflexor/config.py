@@ -126,6 +126,7 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     dist_timeout_s: float = 1800.0  # torchrun: how long a collective may wait (rank 0 alone may be saving)
+    fsdp: bool = False  # torchrun: shard the model over the ranks with FSDP2 (preflexor/fsdp.py), for big models
     lr: float = 5e-5
     schedule: str = "constant"  # constant | cosine (warmup + cosine)
     warmup_steps: int = 0

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from preflexor import fsdp
 from preflexor.errors import UserError
 from preflexor.utils import atomic_dir, atomic_write_json
 
@@ -41,8 +42,13 @@ _STALE_FINAL = re.compile(r"\.(adapter|model)\.(\w+\.tmp|old)")
 _STALE_RUN = re.compile(r"\.(config\.json|metrics\.jsonl|summary\.json|curves\.png)\.\w+\.tmp")
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def snapshot(model, optimizer) -> dict:
+    """What a checkpoint holds of the model and optimizer: the trainable tensors and the optimizer state, whole (a
+    collective under FSDP, where every rank calls it: the state is then keyed by parameter name, fsdp.py)."""
+    if fsdp.sharded(model):
+        return {"trainable": fsdp.full_state(model), "optimizer": fsdp.optimizer_state(model, optimizer)}
+    return {"trainable": {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict()}
 
 
 def rng_states(rt) -> list[dict]:
@@ -58,15 +64,15 @@ def rng_states(rt) -> list[dict]:
     return out
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, state: dict, keep_last: int,
+def save_checkpoint(ckpt_root: Path, step: int, snap: dict, state: dict, keep_last: int,
                     rng: list[dict], config: dict | None = None) -> Path:
-    """Write `ckpt_root/step_N/` atomically: trainable tensors (LoRA + new-token rows), optimizer state, every
-    rank's RNG states (`rng_states`), the loop state (iteration, data position, ...) and the run config it was
+    """Write `ckpt_root/step_N/` atomically: trainable tensors (LoRA + new-token rows) and optimizer state
+    (`snapshot`), every rank's RNG states (`rng_states`), the loop state (iteration, data position, ...) and the run config it was
     trained with (`to_dict`: what a resume is compared against). The last `keep_last` checkpoints are kept."""
     path = ckpt_root / f"step_{step}"
     with atomic_dir(path) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(snap["trainable"], str(tmp / "trainable.safetensors"))
+        torch.save(snap["optimizer"], tmp / "optimizer.pt")
         save_file({f"rank{r}.{k}": v for r, states in enumerate(rng) for k, v in states.items() if k != "python"},
                   str(tmp / "rng.safetensors"))
         atomic_write_json(tmp / "state.json", {**state, "step": step, "python_random": [x["python"] for x in rng],
@@ -229,9 +235,15 @@ def resume_point(ckpt_root: Path, resume: str, model, optimizer, config: dict, a
     if changes and main:
         print(f"resume: continuing with changed settings (train.allow_resume_changes): {', '.join(changes)}")
     _check_model(ckpt, model)  # after the settings: "lora.r 4 -> 8" says more than a shape
+    by_name = all(isinstance(i, str) for g in ckpt.optimizer.get("param_groups", []) for i in g.get("params", []))
+    if fsdp.sharded(model) and not by_name:
+        raise UserError(f"{ckpt.path}: written by a run without FSDP; resume it with train.fsdp=false")
     try:
-        optimizer.load_state_dict(ckpt.optimizer)
-    except (ValueError, KeyError, TypeError) as e:
+        if by_name:  # written under FSDP (fsdp.optimizer_state): loads into any world size, sharded or not
+            fsdp.load_optimizer_state(model, optimizer, ckpt.optimizer)
+        else:
+            optimizer.load_state_dict(ckpt.optimizer)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{ckpt.path}: optimizer state does not match this run's parameter groups "
                         f"({str(e).splitlines()[0][:120]})") from None
     return ckpt
@@ -286,9 +298,8 @@ def start_state(ckpt: Checkpoint | None, model, rt) -> dict:
     if ckpt is None:
         return state
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in ckpt.tensors.items():
-            params[n].copy_(t)
+    for n, t in ckpt.tensors.items():
+        fsdp.load_trainable(params[n], t)  # into this rank's shard under FSDP
     r = rt.rank if f"rank{rt.rank}.torch_cpu" in ckpt.rng else 0
     torch.set_rng_state(ckpt.rng[f"rank{r}.torch_cpu"])
     if rt.device.type == "cuda" and f"rank{r}.torch_cuda" in ckpt.rng:

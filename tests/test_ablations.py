@@ -75,7 +75,7 @@ def test_grid_files_parse_and_bad_grids_name_the_file(tmp_path):
     with pytest.raises(UserError, match=r"bad\.yaml: unknown key 'steps'"):
         load_grid(bad)
     bad.write_text("cells:\n  - {name: 'a b', kind: stage1}\n")
-    with pytest.raises(UserError, match="must start with a letter, digit or _"):
+    with pytest.raises(UserError, match="must start with a letter, digit or _,"):
         load_grid(bad)
     bad.write_text("cells:\n  - {name: a, kind: stage3}\n")
     with pytest.raises(UserError, match="kind 'stage3'"):

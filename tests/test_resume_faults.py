@@ -18,6 +18,7 @@ import train_orpo
 from preflexor.errors import UserError
 from preflexor.metrics import MetricsLog
 from preflexor.resume import FREE_KEYS, changed_settings, read_checkpoint, rng_states, save_checkpoint, tidy_run_dir
+from preflexor.resume import snapshot as ckpt_snapshot
 from preflexor.runtime import Runtime
 from test_train import adapter_tensors, tiny_args, write_pairs
 
@@ -75,7 +76,7 @@ def ckpt_dir(tmp_path) -> Path:
     opt = torch.optim.AdamW(model.parameters())
     state = {"iteration": 0, "step_in_iteration": 1, "global_step": 1, "position": 2}
     rng = rng_states(Runtime(torch.device("cpu"), torch.float32, None))
-    return save_checkpoint(tmp_path / "checkpoints", 1, model, opt, state, keep_last=2, rng=rng, config={})
+    return save_checkpoint(tmp_path / "checkpoints", 1, ckpt_snapshot(model, opt), state, keep_last=2, rng=rng, config={})
 
 
 @pytest.mark.parametrize("edit, needle", [
