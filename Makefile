@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-stamp
 CONFIG ?=
 ARGS   ?=
 
-.PHONY: setup test test-fast smoke gpu-check data train-stage1 train-stage2 infer eval ablations clean
+.PHONY: setup test test-fast smoke gpu-check data train-stage1 train-stage2 train-stage3 infer eval ablations clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ train-stage1: setup
 # Stage 2: EXO on on-policy rejected answers, thinking masked -> runs/stage2/final/{adapter,model}
 train-stage2: setup
 	$(PY) train_dpo.py --config $(or $(CONFIG),configs/stage2_exo.yaml) $(ARGS)
+
+# Stage 3: GRPO (loss.name=dr_grpo | dapo) with exact rewards from the knowledge graph, from the stage-2 reasoning
+# model (both stages with CONFIG=configs/stage{1,2}_reasoning.yaml) -> runs/stage3/final/{adapter,model}
+train-stage3: setup
+	$(PY) train_rl.py --config $(or $(CONFIG),configs/stage3_grpo.yaml) $(ARGS)
 
 # Recursive reasoning on the newest stage-2 (else stage-1, else base) model: make infer PROMPT="..." [ARGS="--recursive 3"]
 PROMPT ?=

@@ -26,7 +26,8 @@ from preflexor.datagen import PairSource
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.losses import get_loss
 from preflexor.lora import apply_lora, merge_lora, print_trainable, train_new_token_rows
-from preflexor.metrics import MetricsLog, format_rate, graded_accuracy, paired_delta, plot_metrics, save_answer_eval
+from preflexor.metrics import (MetricsLog, answer_change, format_rate, graded_accuracy, paired_delta, plot_metrics,
+                               save_answer_eval)
 from preflexor.optim import build_optimizer, lr_factor, set_lr
 from preflexor.peft_io import save_adapter
 from preflexor.preference import evaluate_pairs, preference_loss
@@ -197,11 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"thinking-format rate: before {before['format_rate']:.2f} -> after {after['format_rate']:.2f} "
               f"(opens with <|thinking|>: {before['opens_thinking_rate']:.2f} -> {after['opens_thinking_rate']:.2f})")
     if answers_before and answers_after:
-        print(f"held-out exact accuracy: before {answers_before['exact_accuracy']:.3f} {answers_before['ci95']} -> "
-              f"after {answers_after['exact_accuracy']:.3f} {answers_after['ci95']} (n {answers_after['n']}; "
-              f"paired difference {summary['answers_delta']['delta']:+.3f} {summary['answers_delta']['ci95']}); "
-              f"format {answers_before['format_rate']:.2f} -> {answers_after['format_rate']:.2f}, truncated "
-              f"{answers_before['truncated_rate']:.2f} -> {answers_after['truncated_rate']:.2f}")
+        print(answer_change(answers_before, answers_after, summary['answers_delta']))
     print("held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in last_eval.items()))
     with fsdp.gathered(model):
         save_adapter(model, out_dir / "final" / "adapter", base_model_name_or_path=cfg.model.source)

@@ -88,7 +88,7 @@ class LossConfig:
     each `LossSpec.hparams` declares them) sit beside it as `loss.<key>` and are kept in `params`. A config may carry
     those of several losses (so `loss.name=...` can switch); the run uses and prints the selected loss's."""
     RANGES: ClassVar[dict] = {"mask_fraction": within(0, 1)}
-    name: str = "orpo"  # orpo | exo_pair | sigmoid | ipo, or any loss registered in losses.LOSSES
+    name: str = "orpo"  # orpo | exo_pair | sigmoid | ipo (losses.LOSSES); stage 3: grpo | dr_grpo | dapo
     mask: str = "none"  # answer_only | random_fraction | none (stage 2 thinking masks)
     keep_delimiter: bool = True
     mask_fraction: float = 0.2
@@ -98,7 +98,8 @@ class LossConfig:
 
     @staticmethod
     def extra_keys() -> dict[str, type]:
-        return {k: float for spec in losses.LOSSES.values() for k in spec.hparams}
+        specs = [*losses.LOSSES.values(), *losses.POLICY_LOSSES.values()]
+        return {k: float for spec in specs for k in spec.hparams}
 
     def hparams(self) -> dict[str, float]:
         return losses.hparams(self.name, self.params)
@@ -152,14 +153,40 @@ class TrainConfig:
 
 
 @dataclass
+class RLConfig:
+    """Stage 3 (train_rl.py): every optimizer step samples `group_size` responses (with `sample.*`) to each of
+    `questions_per_step` training questions per rank, scores them with the rewards of preflexor/rewards.py weighted by
+    `reward_<name>` (0 = off), and updates once on them."""
+    RANGES: ClassVar[dict] = {"group_size": at_least(2), "questions_per_step": at_least(1),
+                              "overlong_buffer": at_least(1)}
+    group_size: int = 8
+    questions_per_step: int = 4
+    drop_equal_groups: bool = False  # DAPO's dynamic sampling, as a filter: groups whose rewards all agree are dropped
+    stop_when_answered: bool = True  # end a sample at the end of its answer's first line (all the rewards read)
+    reward_correct: float = 1.0
+    reward_format: float = 0.0
+    reward_factuality: float = 0.0
+    reward_overlong: float = 0.0
+    reward_judge: float = 0.0
+    overlong_buffer: int = 64  # DAPO's soft overlong punishment: the last this many tokens of sample.max_new_tokens
+    judge_url: str | None = None  # an OpenAI-compatible endpoint, for reward_judge
+    judge_model: str = "default"
+
+    def weights(self) -> dict[str, float]:
+        return {"correct": self.reward_correct, "format": self.reward_format, "factuality": self.reward_factuality,
+                "overlong": self.reward_overlong, "judge": self.reward_judge}
+
+
+@dataclass
 class RunConfig:
-    """Everything a training script reads; stage 1 and 2 differ only in defaults (see configs/)."""
+    """Everything a training script reads; the stages differ only in defaults (see configs/); `rl` is stage 3's."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 # -- loading -----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Preference losses: per-sequence log-probs in, (per-example loss [B], metrics) out. Nothing else lives here.
+"""The training objectives: preference losses (stages 1-2) and group-relative policy-gradient losses (stage 3).
+Nothing else lives here.
 
 Conventions (reference/losses.md §1, DESIGN.md):
 - Inputs are float tensors of shape [B], one entry per (chosen, rejected) pair; all math is float32.
@@ -12,6 +13,11 @@ Conventions (reference/losses.md §1, DESIGN.md):
   logps/{chosen,rejected}; ORPO adds nll, log_odds_ratio, log_odds_chosen.
 - The training loss is `losses.mean()`.
 Adding a loss = one function with this contract + one `LOSSES` entry (from anywhere, e.g. a test).
+
+Policy-gradient losses (`POLICY_LOSSES`, stage 3, train_rl.py) take per-token tensors of G sampled completions per
+question instead: `fn(logps, old_logps, advantages, mask, ref_logps, norm_len, **hparams)` -> (per-sequence loss [N],
+metrics [N]), where the step's loss is again the mean over the step's N sequences (so micro-batches and ranks average
+as above); `group_advantages` turns the rewards into advantages first.
 """
 from __future__ import annotations
 
@@ -172,6 +178,8 @@ def get_loss(name: str, key: str = "loss_type") -> LossSpec:
 
 def hparams(name: str, given: dict[str, float]) -> dict[str, float]:
     """The loss's hyperparameters: its declared defaults, overridden by the configured values it declares."""
+    if name in POLICY_LOSSES:
+        return policy_hparams(name, given)
     return {k: given.get(k, default) for k, default in get_loss(name, key="loss.name").hparams.items()}
 
 
@@ -188,3 +196,126 @@ def compute(name: str, policy: dict, ref: dict | None = None, given: dict | None
     if spec.needs_nll:
         args.append(policy["nll"])
     return spec.fn(*args, **hparams(name, given or {}))
+
+
+# -- group-relative policy gradient (stage 3) ------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = r_i - mean(r of i's group), divided by the group's std + eps when `scale` (GRPO, Shao et al. 2024,
+    arXiv 2402.03300, §4.1.2: outcome supervision); Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, §3.1) drops the std,
+    which favours questions that are too easy or too hard. `rewards` [N] holds the groups one after another
+    (N = questions * group_size); std is the unbiased one and eps 1e-4, as TRL computes it.
+
+    Worked example: rewards [1, 0, 0, 0] -> mean 0.25, std 0.5 -> A = [1.5, -0.5, -0.5, -0.5] / (1 + 2e-4).
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size or group_size < 2:
+        raise ValueError(f"group_advantages: [N] rewards in groups of {group_size} >= 2, got {tuple(rewards.shape)}")
+    r = rewards.float().view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def _clipped_pg(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                ref_logps: torch.Tensor | None, norm_len: torch.Tensor, beta: float, eps_low: float,
+                eps_high: float) -> tuple[torch.Tensor, Metrics]:
+    """The per-token clipped surrogate shared by the family, summed per sequence and divided by `norm_len` [N]:
+    l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * KL_t, rho_t = exp(logp_t - old_logp_t),
+    KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (the k3 estimator, Schulman 2020; >= 0, unbiased for
+    KL(pi || pi_ref) under samples of pi). With one update per sample batch old_logps = logps.detach(): rho = 1 and
+    the gradient is -A * grad logp_t (+ the KL's)."""
+    shapes = [tuple(t.shape) for t in (logps, old_logps, mask, advantages)]
+    if logps.dim() != 2 or len(set(shapes[:3])) > 1 or shapes[3] != shapes[0][:1]:
+        raise ValueError(f"policy losses take [N, T] log-probs, old log-probs, mask and [N] advantages: {shapes}")
+    if not (0.0 <= eps_low < 1.0 and eps_high >= 0.0):
+        raise ValueError(f"policy losses: eps_low must be in [0, 1) and eps_high >= 0, got {eps_low}, {eps_high}")
+    lp, old, m = logps.float(), old_logps.float(), mask.float()
+    adv = advantages.float()[:, None]  # (N, 1)
+    ratio = torch.exp(lp - old)  # (N, T)
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("policy losses: beta != 0 needs the reference log-probs")
+        d = ref_logps.float() - lp
+        kl = torch.exp(d) - d - 1.0
+        per_token = per_token + beta * kl
+    losses = (per_token * m).sum(dim=1) / norm_len.float()
+    n_tok = m.sum(dim=1).clamp(min=1.0)
+    clip_frac = (((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))).float()
+    metrics = {"advantages": adv[:, 0].detach(), "completion_tokens": m.sum(dim=1).detach(),
+               "clip_fraction": ((clip_frac * m).sum(dim=1) / n_tok).detach()}
+    if kl is not None:
+        metrics["kl"] = ((kl * m).sum(dim=1) / n_tok).detach()
+    return losses, metrics
+
+
+def grpo_loss(logps, old_logps, advantages, mask, ref_logps, norm_len, beta: float = 0.0, epsilon: float = 0.2):
+    """GRPO (Shao et al. 2024, arXiv 2402.03300, Eq. 3): clipped ratio with symmetric epsilon, each sequence's token
+    sum divided by its own length (`norm_len` = |o_i|), then the mean over sequences; advantages scaled by the
+    group's std. beta > 0 adds the k3 KL to the reference (the paper's 0.04; TRL's default and ours: 0)."""
+    return _clipped_pg(logps, old_logps, advantages, mask, ref_logps, norm_len, beta, epsilon, epsilon)
+
+
+def dr_grpo_loss(logps, old_logps, advantages, mask, ref_logps, norm_len, beta: float = 0.0,
+                 epsilon: float = 0.2):
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, Eq. 3 / Appendix A): GRPO without its length and std
+    normalisation: every sequence's token sum is divided by the same constant (`norm_len` = the generation budget,
+    max_new_tokens, as TRL's dr_grpo), so long wrong answers are not penalised less per token than short ones;
+    advantages are not scaled by the std."""
+    return _clipped_pg(logps, old_logps, advantages, mask, ref_logps, norm_len, beta, epsilon, epsilon)
+
+
+def dapo_loss(logps, old_logps, advantages, mask, ref_logps, norm_len, beta: float = 0.0, eps_low: float = 0.2,
+              eps_high: float = 0.28):
+    """DAPO (Yu et al. 2025, arXiv 2503.14476, Eq. 8): clip-higher (eps_low 0.2, eps_high 0.28: low-probability
+    tokens may grow further, against entropy collapse) and token-level normalisation: the sum over all tokens of the
+    step divided by their number, so each token weighs the same whatever its sequence's length (`norm_len` = the
+    step's mean completion length, so that the mean over sequences is that token mean). Dynamic sampling and the
+    overlong reward shaping are options of train_rl.py (`rl.drop_equal_groups`, `rl.reward_overlong`)."""
+    return _clipped_pg(logps, old_logps, advantages, mask, ref_logps, norm_len, beta, eps_low, eps_high)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy-gradient loss: its function, how its `norm_len` is formed ("sequence": each completion's length |o_i|,
+    "token": the step's mean length, "constant": the generation budget), whether advantages are std-scaled, and its
+    hyperparameters (config keys `loss.<k>`) with defaults."""
+
+    fn: Callable[..., tuple[torch.Tensor, Metrics]]
+    norm: str
+    scale_std: bool
+    hparams: dict[str, float] = field(default_factory=dict)
+
+
+POLICY_LOSSES: dict[str, PolicySpec] = {
+    "grpo": PolicySpec(grpo_loss, norm="sequence", scale_std=True, hparams={"beta": 0.0, "epsilon": 0.2}),
+    "dr_grpo": PolicySpec(dr_grpo_loss, norm="constant", scale_std=False, hparams={"beta": 0.0, "epsilon": 0.2}),
+    "dapo": PolicySpec(dapo_loss, norm="token", scale_std=True,
+                       hparams={"beta": 0.0, "eps_low": 0.2, "eps_high": 0.28}),
+}
+
+
+def get_policy_loss(name: str, key: str = "loss.name") -> PolicySpec:
+    if name not in POLICY_LOSSES:
+        hint = " (a preference loss: stages 1-2, train_orpo.py / train_dpo.py)" if name in LOSSES else ""
+        raise UserError(f"{key}: {name!r} is not a policy-gradient loss{hint}; choose one of "
+                        f"{', '.join(sorted(POLICY_LOSSES))}")
+    return POLICY_LOSSES[name]
+
+
+def norm_lengths(spec: PolicySpec, completion_lens: torch.Tensor, step_mean_len: float, budget: int) -> torch.Tensor:
+    """`norm_len` [N] for a micro-batch: the divisor of each sequence's token sum under the loss's normalisation.
+    `step_mean_len` is the mean completion length over the whole optimizer step (every micro-batch and rank), so
+    that accumulation gives the same gradient as one big batch."""
+    if spec.norm == "sequence":
+        return completion_lens.float().clamp(min=1.0)
+    if spec.norm == "token":
+        return torch.full(completion_lens.shape, max(step_mean_len, 1.0), device=completion_lens.device)
+    return torch.full(completion_lens.shape, float(budget), device=completion_lens.device)
+
+
+def policy_hparams(name: str, given: dict[str, float]) -> dict[str, float]:
+    return {k: given.get(k, default) for k, default in get_policy_loss(name).hparams.items()}

@@ -168,6 +168,15 @@ def paired_delta(before: dict, after: dict) -> dict:
     return {"delta": round(_mean(d), 4), "ci95": bootstrap_ci(d)}
 
 
+def answer_change(before: dict, after: dict, delta: dict) -> str:
+    """One line for a training run's log: held-out exact accuracy before -> after with intervals, the paired
+    difference, and the format and truncated rates."""
+    return (f"held-out exact accuracy: before {before['exact_accuracy']:.3f} {before['ci95']} -> after "
+            f"{after['exact_accuracy']:.3f} {after['ci95']} (n {after['n']}; paired difference {delta['delta']:+.3f} "
+            f"{delta['ci95']}); format {before['format_rate']:.2f} -> {after['format_rate']:.2f}, truncated "
+            f"{before['truncated_rate']:.2f} -> {after['truncated_rate']:.2f}")
+
+
 def answer_accuracy(model, tok, prompts: list[str], golds: list[str], max_new_tokens: int,
                     system: str | None = None, batch_size: int = 16, rt=None, checker=None) -> dict:
     """Exact-answer accuracy of greedy responses (the first line of the text after the thinking, `tasks.check`

@@ -180,9 +180,11 @@ def _flat(config: dict) -> dict:
 def changed_settings(recorded: dict, config: dict) -> list[str]:
     """`key old -> new` for each setting of `config` (this command's, `to_dict`) that differs from `recorded` (the
     checkpoint's), FREE_KEYS aside. `train.iterations` is free under the constant schedule (more iterations just
-    lengthen the run); under cosine the total sets the learning rate of every step."""
+    lengthen the run); under cosine the total sets the learning rate of every step. A whole section the checkpoint
+    does not record (one added since, e.g. `rl` for a stage-1 run) is not a change."""
     old, new = _flat(recorded), _flat(json.loads(json.dumps(config)))  # JSON's types on both sides (tuple -> list)
     free = FREE_KEYS | ({"train.iterations"} if new.get("train.schedule") == "constant" else set())
+    free |= {k for k in new if k.split(".")[0] not in recorded}
     show = lambda k, d: json.dumps(d[k]) if k in d else "unset"  # noqa: E731
     return [f"{k} {show(k, old)} -> {show(k, new)}" for k in dict.fromkeys([*new, *old])
             if k not in free and (k in old, old.get(k)) != (k in new, new.get(k))]

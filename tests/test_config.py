@@ -20,7 +20,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("train.lrr=1", "unknown config key 'train.lrr' (valid: "),
     ("trian.lr=1", "unknown config key 'trian'"),
     ("lora.r=abc", "config key 'lora.r' expects int, got 'abc'"),
-    ("loss.epsilonn=0.1", "unknown config key 'loss.epsilonn' (valid: beta, epsilon, keep_delimiter, label_smoothing"),
+    ("loss.epsilonn=0.1", "unknown config key 'loss.epsilonn' (valid: beta, eps_high, eps_low, epsilon, keep_delimiter, label_smoothing"),
     ("loss.beta=abc", "config key 'loss.beta' expects float, got 'abc'"),
     ("train.lr", "must look like key=value"),
     ("train.batch_size=0", "config key 'train.batch_size' must be >= 1, got 0"),

@@ -261,3 +261,40 @@ def hidden_shared_prompt(model, ids, plens, rlens, autocast) -> torch.Tensor:
     with autocast():
         h = model(packed_ids, position_ids=packed_pos, attn_mask=layout, return_hidden=True)[0]  # (N, H)
     return h[torch.cat(index)]
+
+
+def hidden_shared_group(model, prompt: torch.Tensor, answers: list[torch.Tensor], autocast) -> torch.Tensor:
+    """Final hidden states that predict every answer token (answer 0's tokens in order, then answer 1's, ...) for
+    G answers of one prompt (stage 3's group of samples), the prompt run once: one packed row of answer blocks and
+    then the prompt (`SharedPrompt` with one prompt). The answers are sorted by length and cut into blocks where
+    padding to a block's longest adds at most MERGE_SLACK, so ragged samples are not padded to the longest. The same
+    numbers as one forward per answer, up to float rounding (a test holds them equal)."""
+    P, dev = prompt.numel(), prompt.device
+    order = sorted(range(len(answers)), key=lambda i: len(answers[i]))
+    blocks, cur, real = [], [], 0
+    for i in order:  # ascending: the new answer is the block's longest
+        n = len(answers[i])
+        if cur and n * (len(cur) + 1) > MERGE_SLACK * (real + n):
+            blocks.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    blocks.append(cur)
+    sizes = [(len(b), max(max(len(answers[i]) for i in b), 1)) for b in blocks]  # (answers n, length R)
+    tail = sum(n * R for n, R in sizes)  # the prompt's first packed position
+    tokens, positions, index, a = [], [], {}, 0
+    for b, (n, R) in zip(blocks, sizes):
+        for r, i in enumerate(b):
+            x, j = answers[i], torch.arange(len(answers[i]), device=dev)
+            tokens.append(F.pad(x, (0, R - len(x))))  # padded slots come after the real ones: nothing attends to them
+            positions.append(P + torch.arange(R, device=dev))
+            # token j is predicted by the answer's own token j - 1, token 0 by the prompt's last token
+            index[i] = torch.where(j == 0, tail + P - 1, a + r * R + j - 1)
+        a += n * R
+    tokens.append(prompt)
+    positions.append(torch.arange(P, device=dev))
+    layout = SharedPrompt(sizes, torch.ones(1, P, dtype=torch.bool, device=dev))
+    with autocast():
+        h = model(torch.cat(tokens)[None], position_ids=torch.cat(positions)[None], attn_mask=layout,
+                  return_hidden=True)[0]  # (packed, H)
+    return h[torch.cat([index[i] for i in range(len(answers))])]
