@@ -122,6 +122,16 @@ def test_rewards_each_and_weighted():
                                  truncated=[False] * 4, budget=100, overlong_buffer=20, checker=Checker())
     assert total == [1.5, 0.5, 1.0, 0.0] and set(parts) == {"correct", "format"}  # weight 0: not computed
 
+    class Judge:  # metrics.Judge's reply, parsed: a 1-10 accuracy or None
+        def score(self, question, reference, answer):
+            assert question == "Is a a kind of b?" and reference == "Yes"
+            return {"accuracy": 10.0 if answer.startswith("Yes") else None}
+
+    assert rewards.judged(texts, "Is a a kind of b?", "Yes", Judge()) == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="judge"):
+        rewards.score(texts, rec, {"judge": 1.0}, lengths=[1] * 4, truncated=[False] * 4, budget=100,
+                      overlong_buffer=20)
+
 
 # --- the completion forward --------------------------------------------------------------------------------------
 
@@ -304,3 +314,40 @@ def test_a_groups_prompt_runs_once_with_the_same_numbers(tiny_llama_dir):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     for x, y in zip(torch.autograd.grad(a.sum(), params), torch.autograd.grad(b.sum(), params)):
         torch.testing.assert_close(x, y, atol=1e-5 * float(y.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_gloo_equals_one_process(tmp_path, tiny_llama_dir):
+    """2 gloo processes with 1 question each per step = 1 process with 2: the same samples (seeded by question), the
+    same rewards, and the same gradients (the normalisers are global): Adam's moments after 2 steps agree."""
+    import json
+    import random
+    import subprocess
+    import sys
+
+    from test_train import ENV, ROOT
+
+    wrapper = tmp_path / "rl_hash_reward.py"
+    wrapper.write_text(HASH_REWARD.replace("; ", "\n") + f"\nimport runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                       f"runpy.run_path({str(ROOT / 'train_rl.py')!r}, run_name='__main__')\n")
+    common = ["train.steps_per_iteration=2", "train.eval_answers=0", "loss.name=dapo", "train.max_grad_norm=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, str(wrapper), *rl_args(tiny_llama_dir, one, *common)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29500 + random.randint(0, 400)), str(wrapper)]
+    r = subprocess.run([*torchrun, *rl_args(tiny_llama_dir, two, *common, "rl.questions_per_step=1",
+                                            "train.device=cpu")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = lambda out: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = log(one), log(two)
+    assert [x["reward"] for x in a] == [x["reward"] for x in b] and [x["samples"] for x in b] == [8, 8]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (a, b)
+    moments = [{i: v["exp_avg"] for i, v in torch.load(out / "checkpoints" / "step_2" / "optimizer.pt",
+                                                        weights_only=True)["state"].items()} for out in (one, two)]
+    scale = max(float(v.abs().max()) for v in moments[0].values())
+    for k in moments[0]:
+        torch.testing.assert_close(moments[1][k], moments[0][k], atol=1e-5 * scale, rtol=1e-4)
