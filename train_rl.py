@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         t_gen = time.perf_counter() - t0
 
         # score: the rewards of each group, group-relative advantages, groups whose rewards all agree
-        comps, cut, texts, total_r, parts = [], [], [], [], {}
+        comps, cut, total_r, parts = [], [], [], {}
         for q, rec in enumerate(records):
             toks = out.tokens[q]
             truncated = [why == FINISH_LENGTH for why in out.finish_reasons[q]]
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "format": rewards.thinking_format(txt), **p}.items():
                 parts.setdefault(k, []).extend(v)
             total_r += r
-            texts += txt
             cut += truncated
-            # a sample its stop id ended carries the end of turn it chose; one the answer watch ended, its line
+            # the update sees what the sampler chose: the end-of-turn token where a stop id ended a sample (the stop
+            # id itself is not returned); nothing more where the answer watch or the budget ended it
             ended = [why != FINISH_LENGTH and not (watch and watch.stopped[q * G + j])
                      for j, why in enumerate(out.finish_reasons[q])]
             comps += [t + [tok.eot_id] * e for t, e in zip(toks, ended)]

@@ -202,7 +202,7 @@ def compute(name: str, policy: dict, ref: dict | None = None, given: dict | None
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """A_i = r_i - mean(r of i's group), divided by the group's std + eps when `scale` (GRPO, Shao et al. 2024,
-    arXiv 2402.03300, §4.1.2: outcome supervision); Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, §3.1) drops the std,
+    arXiv 2402.03300: outcome supervision); Dr. GRPO (Liu et al. 2025, arXiv 2503.20783) drops the std,
     which favours questions that are too easy or too hard. `rewards` [N] holds the groups one after another
     (N = questions * group_size); std is the unbiased one and eps 1e-4, as TRL computes it.
 
@@ -253,15 +253,15 @@ def _clipped_pg(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
 
 def grpo_loss(logps, old_logps, advantages, mask, ref_logps, norm_len, beta: float = 0.0, epsilon: float = 0.2):
-    """GRPO (Shao et al. 2024, arXiv 2402.03300, Eq. 3): clipped ratio with symmetric epsilon, each sequence's token
-    sum divided by its own length (`norm_len` = |o_i|), then the mean over sequences; advantages scaled by the
-    group's std. beta > 0 adds the k3 KL to the reference (the paper's 0.04; TRL's default and ours: 0)."""
+    """GRPO (Shao et al. 2024, arXiv 2402.03300): clipped ratio with symmetric epsilon, each sequence's token sum
+    divided by its own length (`norm_len` = |o_i|), then the mean over sequences; advantages scaled by the group's
+    std. beta > 0 adds the k3 KL to the reference (the paper's 0.04; TRL's default and ours: 0)."""
     return _clipped_pg(logps, old_logps, advantages, mask, ref_logps, norm_len, beta, epsilon, epsilon)
 
 
 def dr_grpo_loss(logps, old_logps, advantages, mask, ref_logps, norm_len, beta: float = 0.0,
                  epsilon: float = 0.2):
-    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, Eq. 3 / Appendix A): GRPO without its length and std
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): GRPO without its length and std
     normalisation: every sequence's token sum is divided by the same constant (`norm_len` = the generation budget,
     max_new_tokens, as TRL's dr_grpo), so long wrong answers are not penalised less per token than short ones;
     advantages are not scaled by the std."""
@@ -270,7 +270,7 @@ def dr_grpo_loss(logps, old_logps, advantages, mask, ref_logps, norm_len, beta: 
 
 def dapo_loss(logps, old_logps, advantages, mask, ref_logps, norm_len, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float = 0.28):
-    """DAPO (Yu et al. 2025, arXiv 2503.14476, Eq. 8): clip-higher (eps_low 0.2, eps_high 0.28: low-probability
+    """DAPO (Yu et al. 2025, arXiv 2503.14476): clip-higher (eps_low 0.2, eps_high 0.28: low-probability
     tokens may grow further, against entropy collapse) and token-level normalisation: the sum over all tokens of the
     step divided by their number, so each token weighs the same whatever its sequence's length (`norm_len` = the
     step's mean completion length, so that the mean over sequences is that token mean). Dynamic sampling and the

@@ -5,7 +5,7 @@ Every reward but the judge is computed exactly, offline, from the task and the k
 - `thinking_format`: 1 when the response is one closed thinking block and a non-empty answer (`split_thinking`);
 - `factuality`: the share of the thinking's stated is-a relations that are true in the graph
   (`tasks.RelationChecker`; 0 when it states none);
-- `overlong`: DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, Eq. 13), 0 up to
+- `overlong`: DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476), 0 up to
   `budget - buffer` tokens, falling linearly to -1 at the budget, -1 for a response cut by the budget;
 - `judge`: an OpenAI-compatible judge's 1-10 accuracy score mapped to [0, 1] (`metrics.Judge`), for real runs.
 
