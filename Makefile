@@ -43,7 +43,8 @@ RUN ?= runs/stage1
 eval: setup
 	$(PY) evaluate.py $(RUN) $(ARGS)
 
-# Ablation grid, resumable (GRID=reduced: ~16 min on 2 CPU cores | full: ~16 h) -> runs/ablations/$(GRID)/, results/
+# Ablation grid, resumable (GRID=reduced: ~16 min on 2 CPU cores | full: ~16 h | stage3: stage 1+2 vs +3 and the
+# policy losses, from runs/stage2_reasoning, ~55 min) -> runs/ablations/$(GRID)/, results/
 GRID ?= reduced
 ablations: setup
 	$(PY) ablations.py --grid configs/ablations/$(GRID).yaml $(ARGS)

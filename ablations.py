@@ -5,15 +5,20 @@ embedded default (SmolLM2-135M-Instruct, the ontology corpus, the grounded teach
         [--report results/ablations.md] [--only CELL ...] [--force] [--report-only]
 
 A grid (configs/ablations/*.yaml) lists cells, each one setting repeated over seeds: `base` (the base model,
-evaluated only), `stage1` (`train_orpo.py` with overrides, then `evaluate.py`), `stage2` (`train_dpo.py` from a
-stage-1 cell's merged model, `from:`, then the evaluation) and `recursion` (inference only: a stage-2 cell's model
-answers with N rounds of `reasoning.recursive_thinking`, the base model as critic, with and without the final
-integration; `python ablations.py recursion ...`). Every step is a subprocess (OMP_NUM_THREADS from the grid) into
+evaluated only), `model` (a run trained outside the grid, `path:`, evaluated only), `stage1` (`train_orpo.py` with
+overrides, then the evaluation), `stage2` (`train_dpo.py` from a stage-1 cell's merged model, `from:`), `stage3`
+(`train_rl.py` from a stage-2 or model cell) and `recursion` (inference only: a stage-2 cell's model answers with N
+rounds of `reasoning.recursive_thinking`, the base model as critic, with and without the final integration;
+`python ablations.py recursion ...`). The evaluation is `evaluate.py` on a grounded question set (`eval.kind:
+grounded`, the default) or `eval_reasoning.py` on the fixed held-out set of the reasoning teacher (`eval.kind:
+reasoning`: exact accuracy with its interval, and the paired difference to the `from` cell; stage-3 grids,
+configs/ablations/stage3.yaml). Every step is a subprocess (OMP_NUM_THREADS from the grid) into
 `<out>/runs/<cell>/seed<k>/`, keeping its command, log and wall time (cost.json). A cell whose eval.json exists is
 never rerun and an interrupted training resumes (`train.resume=auto`), so rerunning the command continues the grid;
 then the report (results/ablations.md: mean ± std over seeds, the command of every number, commit, machine, date,
 measured costs and the full grid's estimated cost) and its PNGs are regenerated. Seed k sets train.seed = 1000 + k
-and data.seed = 10 k in stage 1, 2000 + k and 10 k + 1 in stage 2, so stages and seeds never share generated contexts.
+and data.seed = 10 k in stage 1, 2000 + k and 10 k + 1 in stage 2, 3000 + k and 10 k + 2 in stage 3, so stages and
+seeds never share generated contexts.
 """
 from __future__ import annotations
 
@@ -38,18 +43,29 @@ from preflexor.checkpoint import load_model_and_tokenizer, read_run_config, run_
 from preflexor.config import RunConfig, from_dict, load_config, to_dict
 from preflexor.data import load_pairs
 from preflexor.errors import UserError, exit_on_user_error
-from preflexor.metrics import METRIC_DOC, _mean, corpus_graph, score_answers, summarize_answers
+from preflexor.metrics import METRIC_DOC, _mean, corpus_graph, paired_delta, score_answers, summarize_answers
 from preflexor.reasoning import ModelGenerator, recursive_thinking
 from preflexor.thinking import THINK_START, TRIGGER, split_thinking
 from preflexor.utils import atomic_write_json, atomic_write_text, git_hash, machine_info, save_png
 
 ROOT = Path(__file__).resolve().parent
-KINDS = ("base", "stage1", "stage2", "recursion")
-SCRIPTS = {"stage1": "train_orpo.py", "stage2": "train_dpo.py"}
+KINDS = ("base", "model", "stage1", "stage2", "stage3", "recursion")
+SCRIPTS = {"stage1": "train_orpo.py", "stage2": "train_dpo.py", "stage3": "train_rl.py"}
+STAGE_CONFIG = {"stage1": "configs/stage1_orpo.yaml", "stage2": "configs/stage2_exo.yaml",
+                "stage3": "configs/stage3_grpo.yaml"}
+FROM = {"stage2": ("stage1",), "stage3": ("stage2", "model"), "recursion": ("stage2",)}  # kind -> start kinds
 # columns of the report: metric key in eval.json -> header
 TABLE_METRICS = {"rewards/accuracies": "reward acc", "rewards/margins": "reward margin", "nll": "NLL chosen",
                  "logps/accuracies": "logp acc", "format_rate": "format", "token_f1": "F1", "rouge_l": "ROUGE-L",
                  "concept_recall": "concept recall", "answer_words": "answer words", "tokens_per_s": "tok/s"}
+# columns of a grid with `eval.kind: reasoning` (eval_reasoning.py on the fixed held-out set of tasks.answer_set)
+REASONING_METRICS = {"exact_accuracy": "exact acc", "delta": "Δ vs from", "format_rate": "format",
+                     "opens_thinking_rate": "opens thinking", "truncated_rate": "truncated", "factuality": "factuality"}
+REASONING_DOC = {"exact_accuracy": "exact accuracy of the greedy final answers against the graph's gold answers "
+                 "(bootstrap 95% interval of each seed in brackets)",
+                 "delta": "exact accuracy minus that of the `from` cell's model on the same questions (paired "
+                 "bootstrap 95% interval of each seed in brackets)",
+                 "factuality": "share of the is-a relations stated in the thinking that are true in the graph"}
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")  # a folder name: not "..", ".", "-x" or hidden
 
 
@@ -64,6 +80,7 @@ class Cell:
     source: str | None = None  # `from:` the cell whose model this one starts from / answers with
     axes: list[str] = field(default_factory=list)  # report sections the cell appears in
     label: str = ""
+    path: str | None = None  # model cells: the run or model directory evaluated (trained outside the grid)
     depth: int | None = None  # recursion cells
     integrate: bool | None = None
     group: str = ""  # recursion cells: the grid entry they were expanded from (one sweep computes the group)
@@ -75,8 +92,8 @@ class Grid:
     name: str
     threads: int
     share_stage1: bool
-    stage: dict  # "stage1"/"stage2" -> {"config": path, "overrides": [...]}
-    eval: dict  # n_questions, max_new_tokens, eval_set {n, seed}
+    stage: dict  # "stage1"/"stage2"/"stage3" -> {"config": path, "overrides": [...]}
+    eval: dict  # kind (grounded | reasoning), n_questions, max_new_tokens, eval_set {n, seed}
     recursion: dict  # n_questions, max_new_tokens, critic
     cells: list[Cell]
     estimate: str | None  # another grid whose cost is estimated from this one's measurements
@@ -110,18 +127,21 @@ def load_grid(path: str | Path) -> Grid:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
-    known = {"name", "description", "threads", "seeds", "share_stage1", "stage1", "stage2", "eval", "recursion",
-             "cells", "estimate", "base_model"}
+    known = {"name", "description", "threads", "seeds", "share_stage1", "stage1", "stage2", "stage3", "eval",
+             "recursion", "cells", "estimate", "base_model"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"{path}: unknown key '{unknown[0]}' (valid: {', '.join(sorted(known))})")
     default_seeds = raw.get("seeds", [0])
     stage = {}
-    for s in ("stage1", "stage2"):
+    for s in SCRIPTS:
         sec = raw.get(s) or {}
-        stage[s] = {"config": sec.get("config", f"configs/{'stage1_orpo' if s == 'stage1' else 'stage2_exo'}.yaml"),
+        stage[s] = {"config": sec.get("config", STAGE_CONFIG[s]),
                     "overrides": [str(o) for o in sec.get("overrides") or []]}
-    ev = {"n_questions": 8, "max_new_tokens": 128, "eval_set": {"n": 8, "seed": 7}, **(raw.get("eval") or {})}
+    ev = {"kind": "grounded", "n_questions": 8, "max_new_tokens": 128, "eval_set": {"n": 8, "seed": 7},
+          **(raw.get("eval") or {})}
+    if ev["kind"] not in ("grounded", "reasoning"):
+        raise UserError(f"{path}: eval.kind {ev['kind']!r} (valid: grounded, reasoning)")
     base_model = str(raw.get("base_model", "smollm2-135m-instruct"))
     rec = {"n_questions": 4, "max_new_tokens": 96, "critic": base_model, **(raw.get("recursion") or {})}
     cells: list[Cell] = []
@@ -134,19 +154,28 @@ def load_grid(path: str | Path) -> Grid:
             raise UserError(f"{where}: name {name!r} must start with a letter, digit or _, then those or . + = -")
         if kind not in KINDS:
             raise UserError(f"{where}: kind {kind!r} (valid: {', '.join(KINDS)})")
-        bad = sorted(set(c) - {"name", "kind", "seeds", "overrides", "from", "axes", "label", "depths", "integrate"})
+        bad = sorted(set(c) - {"name", "kind", "seeds", "overrides", "from", "axes", "label", "depths", "integrate",
+                               "path"})
         if bad:
             raise UserError(f"{where}: unknown key '{bad[0]}'")
-        seeds = [0] if kind == "base" else [int(s) for s in c.get("seeds", default_seeds)]
+        if (kind == "model") != ("path" in c):
+            raise UserError(f"{where}: 'path' (a run or model directory) is " +
+                            ("required for a model cell" if kind == "model" else "only for model cells"))
+        seeds = [0] if kind in ("base", "model") else [int(s) for s in c.get("seeds", default_seeds)]
         src = c.get("from")
-        if kind in ("stage2", "recursion"):
+        if kind in FROM:
             if src is None or not any(p.name == src for p in cells):
                 raise UserError(f"{where}: 'from' must name an earlier cell (got {src!r})")
-            want = "stage1" if kind == "stage2" else "stage2"
-            if next(p for p in cells if p.name == src).kind != want:
-                raise UserError(f"{where}: a {kind} cell starts from a {want} cell; {src!r} is not one")
+            if next(p for p in cells if p.name == src).kind not in FROM[kind]:
+                raise UserError(f"{where}: a {kind} cell starts from a {' or '.join(FROM[kind])} cell; {src!r} is "
+                                "not one")
+        if kind == "stage3" and ev["kind"] != "reasoning":
+            raise UserError(f"{where}: stage-3 cells need eval.kind: reasoning (their rewards are exact answers)")
+        if kind == "recursion" and ev["kind"] != "grounded":
+            raise UserError(f"{where}: recursion cells sweep the grounded eval set (eval.kind: grounded)")
         common = dict(overrides=[str(o) for o in c.get("overrides") or []], source=src,
-                      axes=list(c.get("axes") or []), label=str(c.get("label", "")))
+                      axes=list(c.get("axes") or []), label=str(c.get("label", "")),
+                      path=str(c["path"]) if "path" in c else None)
         if kind == "recursion":
             for d in c.get("depths", [1, 2, 3]):
                 for integ in c.get("integrate", [False, True]):
@@ -165,13 +194,29 @@ def load_grid(path: str | Path) -> Grid:
 
 def seed_overrides(kind: str, seed: int) -> list[str]:
     """Seed k of a stage: its own training seed and data seed (contexts, rejected samples, held-out pairs)."""
-    if kind == "stage1":
-        return [f"train.seed={1000 + seed}", f"data.seed={10 * seed}"]
-    return [f"train.seed={2000 + seed}", f"data.seed={10 * seed + 1}"]
+    stage = {"stage1": 0, "stage2": 1, "stage3": 2}.get(kind, 1)
+    return [f"train.seed={1000 * (stage + 1) + seed}", f"data.seed={10 * seed + stage}"]
 
 
 def run_dir(out: Path, cell: Cell, seed: int) -> Path:
     return out / "runs" / cell.name / f"seed{seed}"
+
+
+def model_dir(grid: Grid, cell: Cell, seed: int, out: Path) -> Path:
+    """The run directory whose final/model a cell evaluates: its own, or a model cell's `path`."""
+    if cell.kind == "model":
+        return Path(cell.path) if Path(cell.path).is_absolute() else ROOT / cell.path
+    return run_dir(out, cell, seed)
+
+
+def source_dir(grid: Grid, cell: Cell, seed: int, out: Path) -> Path:
+    """The run directory of the model a cell starts from (its `from` cell's, at the seed it starts from)."""
+    parent = grid.cell(cell.source)
+    return model_dir(grid, parent, source_seed(grid, cell, seed), out)
+
+
+def _finished(d: Path) -> bool:
+    return (d / "final" / "model" / "config.json").is_file()
 
 
 def source_seed(grid: Grid, cell: Cell, seed: int) -> int:
@@ -199,13 +244,16 @@ def train_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
     st = grid.stage[cell.kind]
     cmd = [sys.executable, SCRIPTS[cell.kind], "--config", st["config"], *st["overrides"],
            *seed_overrides(cell.kind, seed), *cell.overrides, f"train.out_dir={_rel(run_dir(out, cell, seed))}"]
-    if cell.kind == "stage2":
-        parent = grid.cell(cell.source)
-        cmd.append(f"model.source={_rel(run_dir(out, parent, source_seed(grid, cell, seed)) / 'final' / 'model')}")
+    if cell.kind in ("stage2", "stage3"):
+        cmd.append(f"model.source={_rel(source_dir(grid, cell, seed, out) / 'final' / 'model')}")
     return cmd
 
 
 def eval_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
+    if grid.eval["kind"] == "reasoning":
+        return [sys.executable, "eval_reasoning.py", "base" if cell.kind == "base" else
+                _rel(model_dir(grid, cell, seed, out)), "--n", str(grid.eval["n_questions"]), "--max-new-tokens",
+                str(grid.eval["max_new_tokens"]), "--probe", "0", "--out", _rel(run_dir(out, cell, seed))]
     d, qs = _rel(run_dir(out, cell, seed)), _rel(grid.eval_set(out))
     what = (["base", "--base-model", grid.base_model, "--heldout", qs, "--out", d] if cell.kind == "base" else
             [d, "--questions", qs])
@@ -219,11 +267,10 @@ def sweep_dir(out: Path, cell: Cell, seed: int) -> Path:
 
 def recursion_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
     """One sweep per (from-cell model, seed) computes every depth/integration cell of that recursion entry."""
-    parent = grid.cell(cell.source)
     sibs = [c for c in grid.cells if c.kind == "recursion" and c.group == cell.group]
     rc = grid.recursion
-    return [sys.executable, "ablations.py", "recursion",
-            _rel(run_dir(out, parent, source_seed(grid, cell, seed))), "--questions", _rel(grid.eval_set(out)),
+    return [sys.executable, "ablations.py", "recursion", _rel(source_dir(grid, cell, seed, out)),
+            "--questions", _rel(grid.eval_set(out)),
             "--n", str(rc["n_questions"]), "--max-new-tokens", str(rc["max_new_tokens"]), "--critic", str(rc["critic"]),
             "--depths", ",".join(str(d) for d in sorted({c.depth for c in sibs})),
             "--integrate", ",".join(sorted({"yes" if c.integrate else "no" for c in sibs})),
@@ -315,8 +362,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
                     shutil.rmtree(out / "runs" / f"{c.group}_sweep", ignore_errors=True)
     status: dict[str, list[str]] = {}
     es = grid.eval_set(out)
-    if not es.is_file() or (not grid.eval["eval_set"].get("file") and
-                            sum(1 for _ in open(es)) < grid.eval["eval_set"]["n"]):
+    if grid.eval["kind"] == "grounded" and (not es.is_file() or (not grid.eval["eval_set"].get("file") and
+                                            sum(1 for _ in open(es)) < grid.eval["eval_set"]["n"])):
         if grid.eval["eval_set"].get("file"):
             raise UserError(f"{grid.path}: eval.eval_set.file {es} not found")
         log(f"[grid] eval set -> {es}")
@@ -339,6 +386,10 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
             if c.kind == "recursion":
                 status[c.name].append(_run_recursion(grid, c, seed, out, log))
                 continue
+            if c.kind == "model" and not _finished(model_dir(grid, c, seed, out)):
+                log(f"[grid] {c.name}: skipped, {c.path}/final/model not found (train it first; see the grid file)")
+                status[c.name].append("blocked")
+                continue
             cost = _cost(d)
             if c.kind in SCRIPTS and (d / "summary.json").is_file() and "train_s" not in cost:
                 # trained outside this runner (or the runner was stopped while the training finished): file times
@@ -346,10 +397,8 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
                 cost.update(train_s=round(secs, 1),
                             train_command=_show(train_command(grid, c, seed, out)), phases=training_phases(d))
             if c.kind in SCRIPTS and not (d / "summary.json").is_file():
-                parent_ok = c.kind == "stage1" or (run_dir(out, grid.cell(c.source), source_seed(grid, c, seed))
-                                                   / "final" / "model" / "config.json").is_file()
-                if not parent_ok:
-                    log(f"[grid] {c.name} seed {seed}: skipped, its stage-1 cell {c.source} did not finish")
+                if c.kind != "stage1" and not _finished(source_dir(grid, c, seed, out)):
+                    log(f"[grid] {c.name} seed {seed}: skipped, the cell it starts from ({c.source}) did not finish")
                     status[c.name].append("blocked")
                     continue
                 cmd = train_command(grid, c, seed, out)
@@ -367,10 +416,34 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
             rc, dt = _run(cmd, d / "eval.log", grid.threads)
             cost.update(eval_s=round(dt, 1), eval_command=_show(cmd))
             atomic_write_json(d / "cost.json", cost)
+            if rc == 0 and grid.eval["kind"] == "reasoning":
+                rc = _reasoning_eval_json(grid, c, seed, out, cmd, log)
             status[c.name].append("ran" if rc == 0 else "failed")
             if rc != 0:
                 log(f"[grid] {c.name} seed {seed}: evaluation failed (exit {rc}); see {d / 'eval.log'}")
     return status
+
+
+def _reasoning_eval_json(grid: Grid, cell: Cell, seed: int, out: Path, cmd: list[str], log) -> int:
+    """eval.json of a reasoning-graded cell from the reasoning.json eval_reasoning.py wrote beside it: the exact
+    accuracy with its interval, the rates, and the paired difference to the `from` cell's model (same questions)."""
+    d = run_dir(out, cell, seed)
+    res = json.loads((d / "reasoning.json").read_text())
+    a = res["models"][0]["answers"]
+    m = {k: a[k] for k in ("exact_accuracy", "format_rate", "opens_thinking_rate", "truncated_rate", "factuality")}
+    m["exact_accuracy_ci95"] = a["ci95"]
+    if cell.source is not None:
+        src = run_dir(out, grid.cell(cell.source), source_seed(grid, cell, seed)) / "reasoning.json"
+        if not src.is_file():
+            log(f"[grid] {cell.name} seed {seed}: no evaluation of {cell.source} at {src} to compare with")
+            return 1
+        delta = paired_delta(json.loads(src.read_text())["models"][0]["answers"], a)
+        m.update(delta=delta["delta"], delta_ci95=delta["ci95"])
+    atomic_write_json(d / "eval.json", {"run": res["models"][0]["run"], "kind": cell.kind, "metrics": m,
+                                         "n": res["n"], "max_new_tokens": res["max_new_tokens"], "git": res["git"],
+                                         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                         "machine": res["machine"], "command": _show(cmd)})
+    return 0
 
 
 def _run_recursion(grid: Grid, cell: Cell, seed: int, out: Path, log) -> str:
@@ -612,9 +685,21 @@ def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
     lines += [""]
     # --- tables -----------------------------------------------------------------------------------------------
     axes = list(dict.fromkeys(a for c in grid.cells for a in (c.axes or [c.kind])))
-    cols = list(TABLE_METRICS)
-    lines += ["## Results (mean ± std over seeds; n = seeds)", "",
-              "Generations are greedy on one shared question set (`eval_set.jsonl`, grounded teacher; "
+    reasoning = grid.eval["kind"] == "reasoning"
+    names = REASONING_METRICS if reasoning else TABLE_METRICS
+    cols = list(names)
+    lines += ["## Results (mean ± std over seeds; n = seeds)", ""]
+    if reasoning:
+        lines += [f"Greedy answers to the fixed held-out set of `tasks.answer_set` ({grid.eval['n_questions']} "
+                  f"questions of held-out concepts, gold answers from the knowledge graph, "
+                  f"{grid.eval['max_new_tokens']} new tokens), graded by `eval_reasoning.py`: the same questions for "
+                  "every cell, so the Δ column is a paired comparison with the model the cell starts from. The "
+                  "spread over seeds (±) is the training's; the brackets are each seed's bootstrap interval over "
+                  "questions. Each row is reproduced by its command (same grid file and commit). A row marked "
+                  "**stale** was computed with a config that has changed since (`--only CELL --force` recomputes "
+                  "it).", ""]
+    else:
+        lines += ["Generations are greedy on one shared question set (`eval_set.jsonl`, grounded teacher; "
               f"{grid.eval['n_questions']} questions, {grid.eval['max_new_tokens']} new tokens; recursion cells "
               f"{grid.recursion['n_questions']} questions, {grid.recursion['max_new_tokens']} new tokens per call). "
               "Reward metrics, `logp acc` and `NLL chosen` are on each run's own held-out pairs (made like its "
@@ -625,7 +710,7 @@ def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
               "has changed since (`--only CELL --force` recomputes it).", ""]
     for ax in axes:
         cells = [c for c in grid.cells if ax in (c.axes or [c.kind])]
-        head = " | ".join(TABLE_METRICS[k] for k in cols)
+        head = " | ".join(names[k] for k in cols)
         lines += [f"### {ax}", "", f"| cell | n | {head} | cost (min) | command |",
                   "|---|---|" + "---|" * len(cols) + "---|---|"]
         for c in cells:
@@ -636,22 +721,30 @@ def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
             for k in cols:
                 mean, std = _stats([e["metrics"].get(k) for e in v["evals"]])
                 nd = 1 if k in ("answer_words", "tokens_per_s") else 3
-                row.append("—" if mean is None else f"{mean:.{nd}f}" + (f" ± {std:.{nd}f}" if std is not None else ""))
+                txt = "—" if mean is None else f"{'+' if k == 'delta' and mean >= 0 else ''}{mean:.{nd}f}" + (
+                    f" ± {std:.{nd}f}" if std is not None else "")
+                cis = [e["metrics"][f"{k}_ci95"] for e in v["evals"] if e["metrics"].get(f"{k}_ci95")]
+                row.append(txt + "".join(f" [{lo:.3f}, {hi:.3f}]" for lo, hi in cis))
             secs = [_cell_seconds(x) for x in v["costs"]]
             row.append(f"{sum(secs) / len(secs) / 60:.1f}" if secs else "—")
             row.append(f"`python ablations.py --grid {grid_rel} --only {c.name}`")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["Metrics: " + "; ".join(f"**{TABLE_METRICS[k]}** = {METRIC_DOC.get(k, k)}" for k in cols) + ".", ""]
+    doc = {**METRIC_DOC, **REASONING_DOC} if reasoning else METRIC_DOC
+    lines += ["Metrics: " + "; ".join(f"**{names[k]}** = {doc.get(k, k)}" for k in cols) + ".", ""]
     # --- plots ------------------------------------------------------------------------------------------------
     pngs = plot_report(grid, data, report.parent, report.stem)
     lines += [f"![{p.stem}]({p.name})" for p in pngs] + [""]
     # --- exact commands -----------------------------------------------------------------------------------------
     lines += ["## Exact commands per cell and seed", "",
               "What `--only CELL` runs (working directory: the repository root; environment OMP_NUM_THREADS="
-              f"{grid.threads}):", "", "- eval set: " + (f"`{_rel(grid.eval_set(out))}` (given)"
-                                                         if grid.eval['eval_set'].get('file') else
-                                                         f"`{_show(eval_set_command(grid, out))}`")]
+              f"{grid.threads}):", ""]
+    if grid.eval["kind"] == "reasoning":
+        lines.append(f"- questions: the first {grid.eval['n_questions']} of `tasks.answer_set` (built in "
+                     "eval_reasoning.py; nothing to generate)")
+    else:
+        lines.append("- eval set: " + (f"`{_rel(grid.eval_set(out))}` (given)" if grid.eval['eval_set'].get('file')
+                                       else f"`{_show(eval_set_command(grid, out))}`"))
     for c in grid.cells:
         for seed in c.seeds:
             cmds = []
@@ -661,7 +754,8 @@ def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
                               eval_command(grid, c, seed, out)))
             ev = run_dir(out, c, seed) / "eval.json"
             commit = json.loads(ev.read_text()).get("git", "?") if ev.is_file() else "not run"
-            lines.append(f"- `{c.name}` seed {seed} ({commit}): " + " && ".join(f"`{x}`" for x in cmds))
+            lines.append(f"- `{c.name}` seed {seed} ({commit}): " + " && ".join(f"`{x}`" for x in cmds) +
+                         (f" (the model of `{c.path}`, trained outside the grid)" if c.kind == "model" else ""))
     text = "\n".join(lines) + "\n"
     atomic_write_text(report, text)
     return text
@@ -679,14 +773,17 @@ def plot_report(grid: Grid, data: dict, folder: Path, stem: str) -> list[Path]:
     written = []
     cells = [c for c in grid.cells if c.kind != "recursion" and data[c.name]["evals"]]
     if cells:
-        keys = ["format_rate", "token_f1", "rouge_l", "concept_recall", "logps/accuracies", "nll"]
+        reasoning = grid.eval["kind"] == "reasoning"
+        names_of = REASONING_METRICS if reasoning else TABLE_METRICS
+        keys = (["exact_accuracy", "format_rate", "truncated_rate", "factuality"] if reasoning else
+                ["format_rate", "token_f1", "rouge_l", "concept_recall", "logps/accuracies", "nll"])
         fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 0.32 * len(cells) + 1.6), sharey=True)
         names = [c.name for c in cells]
         for ax, k in zip(axes, keys):
             st = [_stats([e["metrics"].get(k) for e in data[n]["evals"]]) for n in names]
             ax.barh(range(len(names)), [m or 0 for m, _ in st], xerr=[s or 0 for _, s in st], color="tab:blue",
                     alpha=0.8, capsize=2)
-            ax.set_title(TABLE_METRICS[k], fontsize=9)
+            ax.set_title(names_of[k], fontsize=9)
             if k != "nll":
                 ax.set_xlim(0, 1)  # rates
             ax.tick_params(labelsize=7)

@@ -68,18 +68,23 @@ def test_grid_files_parse_and_bad_grids_name_the_file(tmp_path):
     assert seed_overrides("stage2", 1) == ["train.seed=2001", "data.seed=11"]
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("cells:\n  - {name: s2, kind: stage2, from: nowhere}\n")
-    with pytest.raises(UserError, match=r"bad\.yaml: cells\[0\]: 'from' must name an earlier cell"):
-        load_grid(bad)
-    bad.write_text("cells: []\nsteps: 3\n")
-    with pytest.raises(UserError, match=r"bad\.yaml: unknown key 'steps'"):
-        load_grid(bad)
-    bad.write_text("cells:\n  - {name: 'a b', kind: stage1}\n")
-    with pytest.raises(UserError, match="must start with a letter, digit or _,"):
-        load_grid(bad)
-    bad.write_text("cells:\n  - {name: a, kind: stage3}\n")
-    with pytest.raises(UserError, match="kind 'stage3'"):
-        load_grid(bad)
+    for text, says in [
+        ("cells:\n  - {name: s2, kind: stage2, from: nowhere}\n", r"cells\[0\]: 'from' must name an earlier cell"),
+        ("cells: []\nsteps: 3\n", r"unknown key 'steps'"),
+        ("cells:\n  - {name: 'a b', kind: stage1}\n", r"cells\[0\]: name 'a b' must start with a letter, digit or _,"),
+        ("cells:\n  - {name: a, kind: stage4}\n", r"cells\[0\]: kind 'stage4'"),
+        ("cells:\n  - {name: a, kind: model}\n", r"cells\[0\]: 'path' \(a run or model directory\) is required"),
+        ("cells:\n  - {name: a, kind: model, path: x}\n  - {name: b, kind: stage3, from: a}\n",
+         r"cells\[1\]: stage-3 cells need eval.kind: reasoning"),
+        ("eval: {kind: reasoning}\ncells:\n  - {name: a, kind: stage1}\n  - {name: b, kind: stage3, from: a}\n",
+         r"cells\[1\]: a stage3 cell starts from a stage2 or model cell")]:
+        bad.write_text(text)
+        with pytest.raises(UserError, match=r"bad\.yaml: " + says):
+            load_grid(bad)
+    s3 = load_grid(ROOT / "configs/ablations/stage3.yaml")
+    assert [c.kind for c in s3.cells] == ["model", "stage3", "stage3", "stage3"]
+    assert {o for c in s3.cells for o in c.overrides} == {"loss.name=dr_grpo", "loss.name=dapo"}
+    assert seed_overrides("stage3", 1) == ["train.seed=3001", "data.seed=12"]
 
 
 @pytest.mark.slow
@@ -194,3 +199,44 @@ def test_training_phases_and_the_cost_estimate(tmp_path):
     per_seed = 30 * 4 + 60 * 8 + 300 * 8 + 30 + 40 * 4
     assert est["total_s"] == pytest.approx(2 * per_seed)
     assert est["missing_rates"] == []
+
+
+@pytest.mark.slow
+def test_stage3_grid_trains_from_a_model_and_reports_the_paired_difference(tmp_path, tiny_llama_dir):
+    """A reasoning-graded grid: a model cell (trained outside the grid) and a stage-3 cell from it run for real; the
+    stage-3 cell's eval.json holds the exact accuracy with its interval and the paired difference to its start
+    model, recomputed here from the two reasoning.json files; the report's row carries both and the command."""
+    from preflexor.metrics import paired_delta
+
+    start = tmp_path / "stage2"
+    shutil.copytree(tiny_llama_dir, start / "final" / "model")
+    grid = tmp_path / "s3.yaml"
+    grid.write_text(f"""name: s3
+threads: 1
+stage3: {{config: configs/stage3_grpo.yaml, overrides: [rl.group_size=4, rl.questions_per_step=2,
+  sample.max_new_tokens=6, train.steps_per_iteration=2, train.eval_answers=2, train.eval_answer_tokens=4,
+  train.batch_size=8, lora.r=4, lora.alpha=8]}}
+eval: {{kind: reasoning, n_questions: 2, max_new_tokens: 4}}
+cells:
+  - {{name: s2, kind: model, path: {start}, axes: [stage]}}
+  - {{name: s3, kind: stage3, from: s2, overrides: [loss.name=dapo], axes: [stage]}}
+""")
+    out, report = tmp_path / "out", tmp_path / "results" / "s3.md"
+    assert main(["--grid", str(grid), "--out", str(out), "--report", str(report)]) == {"s2": ["ran"], "s3": ["ran"]}
+    g = load_grid(grid)
+    d2, d3 = run_dir(out, g.cell("s2"), 0), run_dir(out, g.cell("s3"), 0)
+    cfg = json.loads((d3 / "config.json").read_text())
+    assert cfg["loss"]["name"] == "dapo" and cfg["train"]["seed"] == 3000 and cfg["data"]["seed"] == 2
+    assert cfg["model"]["source"].endswith("stage2/final/model")
+    ev2, ev3 = (json.loads((d / "eval.json").read_text())["metrics"] for d in (d2, d3))
+    assert "delta" not in ev2 and 0.0 <= ev3["exact_accuracy"] <= 1.0 and len(ev3["exact_accuracy_ci95"]) == 2
+    a2, a3 = (json.loads((d / "reasoning.json").read_text())["models"][0]["answers"] for d in (d2, d3))
+    assert a2["n"] == a3["n"] == 2
+    want = paired_delta(a2, a3)
+    assert ev3["delta"] == want["delta"] and ev3["delta_ci95"] == want["ci95"]
+    text = report.read_text()
+    assert "| cell | n | exact acc | Δ vs from | format |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `s3`"))
+    assert f"{ev3['exact_accuracy']:.3f}" in row and "--only s3`" in row
+    assert f"(the model of `{start}`, trained outside the grid)" in text
+    assert (report.parent / "s3.png").is_file()
