@@ -228,8 +228,9 @@ def source_seed(grid: Grid, cell: Cell, seed: int) -> int:
 
 
 def _rel(p: Path) -> str:
+    """A path relative to the repository root where it is inside it (symbolic links kept), else as given."""
     try:
-        return str(p.resolve().relative_to(ROOT))
+        return str(Path(os.path.abspath(p)).relative_to(ROOT))
     except ValueError:
         return str(p)
 
