@@ -657,7 +657,8 @@ def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
     lines = [f"# Ablations: `{grid.name}` grid", "",
              grid.description, "",
              f"- command: `{command}`",
-             f"- grid: `{grid_rel}`; runs in `{_rel(out)}` (each cell's eval.json, eval.md, logs and cost.json)",
+             f"- grid: `{grid_rel}`; runs in `{_rel(out)}` (each cell's eval.json, "
+             f"{'reasoning.json/.md' if grid.eval['kind'] == 'reasoning' else 'eval.md'}, logs and cost.json)",
              f"- commit(s) of the runs: {', '.join(commits) or '—'}; report written at commit {git_hash()}",
              f"- machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, Python "
              f"{machine.get('python', '?')}; subprocesses with OMP_NUM_THREADS={grid.threads}",
@@ -667,7 +668,8 @@ def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
     es = _cost(out).get("eval_set_s", 0.0)
     lines += ["## Cost", "",
               f"Measured wall time of this grid: **{(measured + es) / 60:.1f} min** (training + evaluation of "
-              f"{sum(len(v['evals']) for v in data.values())} cell-seeds, eval set {es:.0f} s), on the machine "
+              f"{sum(len(v['evals']) for v in data.values())} cell-seeds"
+              f"{f', eval set {es:.0f} s' if grid.eval['kind'] == 'grounded' else ''}), on the machine "
               "above (see the per-cell column below). The cores may be shared: load average when this report was "
               "written " + "/".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min); every cost scales with it."]
     if grid.estimate:
@@ -782,9 +784,13 @@ def plot_report(grid: Grid, data: dict, folder: Path, stem: str) -> list[Path]:
         names = [c.name for c in cells]
         for ax, k in zip(axes, keys):
             st = [_stats([e["metrics"].get(k) for e in data[n]["evals"]]) for n in names]
-            ax.barh(range(len(names)), [m or 0 for m, _ in st], xerr=[s or 0 for _, s in st], color="tab:blue",
-                    alpha=0.8, capsize=2)
-            ax.set_title(names_of[k], fontsize=9)
+            err = [s or 0 for _, s in st]
+            if reasoning and k == "exact_accuracy":  # the span of the seeds' bootstrap intervals
+                cis = [[e["metrics"]["exact_accuracy_ci95"] for e in data[n]["evals"]] for n in names]
+                err = [[m - min(lo for lo, _ in c) for (m, _), c in zip(st, cis)],
+                       [max(hi for _, hi in c) - m for (m, _), c in zip(st, cis)]]
+            ax.barh(range(len(names)), [m or 0 for m, _ in st], xerr=err, color="tab:blue", alpha=0.8, capsize=2)
+            ax.set_title(names_of[k] + (" (95% CI)" if reasoning and k == "exact_accuracy" else ""), fontsize=9)
             if k != "nll":
                 ax.set_xlim(0, 1)  # rates
             ax.tick_params(labelsize=7)
