@@ -202,7 +202,7 @@ def run_dir(out: Path, cell: Cell, seed: int) -> Path:
     return out / "runs" / cell.name / f"seed{seed}"
 
 
-def model_dir(grid: Grid, cell: Cell, seed: int, out: Path) -> Path:
+def cell_model_dir(out: Path, cell: Cell, seed: int) -> Path:
     """The run directory whose final/model a cell evaluates: its own, or a model cell's `path`."""
     if cell.kind == "model":
         return Path(cell.path) if Path(cell.path).is_absolute() else ROOT / cell.path
@@ -212,7 +212,7 @@ def model_dir(grid: Grid, cell: Cell, seed: int, out: Path) -> Path:
 def source_dir(grid: Grid, cell: Cell, seed: int, out: Path) -> Path:
     """The run directory of the model a cell starts from (its `from` cell's, at the seed it starts from)."""
     parent = grid.cell(cell.source)
-    return model_dir(grid, parent, source_seed(grid, cell, seed), out)
+    return cell_model_dir(out, parent, source_seed(grid, cell, seed))
 
 
 def _finished(d: Path) -> bool:
@@ -252,8 +252,8 @@ def train_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
 
 def eval_command(grid: Grid, cell: Cell, seed: int, out: Path) -> list[str]:
     if grid.eval["kind"] == "reasoning":
-        return [sys.executable, "eval_reasoning.py", "base" if cell.kind == "base" else
-                _rel(model_dir(grid, cell, seed, out)), "--n", str(grid.eval["n_questions"]), "--max-new-tokens",
+        return [sys.executable, "eval_reasoning.py", grid.base_model if cell.kind == "base" else
+                _rel(cell_model_dir(out, cell, seed)), "--n", str(grid.eval["n_questions"]), "--max-new-tokens",
                 str(grid.eval["max_new_tokens"]), "--probe", "0", "--out", _rel(run_dir(out, cell, seed))]
     d, qs = _rel(run_dir(out, cell, seed)), _rel(grid.eval_set(out))
     what = (["base", "--base-model", grid.base_model, "--heldout", qs, "--out", d] if cell.kind == "base" else
@@ -387,7 +387,7 @@ def run_grid(grid: Grid, out: Path, only: list[str] | None = None, force: bool =
             if c.kind == "recursion":
                 status[c.name].append(_run_recursion(grid, c, seed, out, log))
                 continue
-            if c.kind == "model" and not _finished(model_dir(grid, c, seed, out)):
+            if c.kind == "model" and not _finished(cell_model_dir(out, c, seed)):
                 log(f"[grid] {c.name}: skipped, {c.path}/final/model not found (train it first; see the grid file)")
                 status[c.name].append("blocked")
                 continue
@@ -448,8 +448,8 @@ def _reasoning_eval_json(grid: Grid, cell: Cell, seed: int, out: Path, cmd: list
 
 
 def _run_recursion(grid: Grid, cell: Cell, seed: int, out: Path, log) -> str:
-    model_dir = run_dir(out, grid.cell(cell.source), source_seed(grid, cell, seed))
-    if not (model_dir / "final" / "model" / "config.json").is_file():
+    start = source_dir(grid, cell, seed, out)
+    if not _finished(start):
         log(f"[grid] {cell.name} seed {seed}: skipped, {cell.source} did not finish")
         return "blocked"
     cmd, sweep = recursion_command(grid, cell, seed, out), sweep_dir(out, cell, seed)
@@ -471,7 +471,7 @@ def _run_recursion(grid: Grid, cell: Cell, seed: int, out: Path, log) -> str:
     share = _cost(sweep).get("sweep_s", 0.0) * v["seconds"] / total
     atomic_write_json(d / "cost.json", {"eval_s": round(share, 1), "eval_command": _show(cmd),
                                         "note": "share of the sweep's time"})
-    atomic_write_json(d / "eval.json", {"run": str(model_dir), "kind": "recursion", "variant": key,
+    atomic_write_json(d / "eval.json", {"run": str(start), "kind": "recursion", "variant": key,
                                          "metrics": v["metrics"], "samples": v["samples"], "git": sw["git"],
                                          "date": sw["date"], "machine": sw["machine"], "command": _show(cmd)})
     return "ran"
