@@ -220,15 +220,20 @@ def training_step(dev, tiny) -> dict:
         adapters = {n: p for n, p in trial.named_parameters() if p.requires_grad}
         before = {n: p.detach().clone() for n, p in adapters.items()}
         times = []
-        for i in range(4 if lr == 5e-5 else 1):
-            _peak_reset(dev)
-            t0 = time.perf_counter()
+
+        def step():
             opt.zero_grad(set_to_none=True)
             losses, _ = preference_loss(trial, batch, LossConfig(name="orpo"), rt)
             losses.mean().backward()
             torch.nn.utils.clip_grad_norm_(list(adapters.values()), 1.0)
             opt.step()
             _sync(dev)
+            return losses
+
+        for i in range(4 if lr == 5e-5 else 1):
+            _peak_reset(dev)
+            t0 = time.perf_counter()
+            losses = step()
             times.append(time.perf_counter() - t0)
             if i == 0:
                 moved = {kind: [] for kind in ("lora_a", "lora_b")}
@@ -239,11 +244,22 @@ def training_step(dev, tiny) -> dict:
         if lr == 5e-5:
             s = statistics.median(times[1:])
             out.update(s_per_step=round(s, 3), tokens_per_s=round(out["tokens_per_step"] / s, 1),
-                       peak_gib=_peak_gib(dev), loss=round(float(losses.mean()), 4))
+                       peak_gib=_peak_gib(dev), loss=round(float(losses.detach().mean()), 4))
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
             peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
             out["mfu"] = round(6 * matmul_params * out["tokens_per_step"] / s / peak, 4) if peak else None
             out["mfu_convention"] = "6 * matmul params * tokens / s / dense bf16 peak (no attention T^2, no recompute)"
+            if dev.type == "cuda":  # the same step with cuDNN's attention left out, as generation does
+                from preflexor.sampler import decode_attention
+
+                with decode_attention(dev):
+                    step()
+                    t = []
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        step()
+                        t.append(time.perf_counter() - t0)
+                out["s_per_step_without_cudnn_sdpa"] = round(statistics.median(t), 3)
         del trial
     return out
 
@@ -267,6 +283,82 @@ def sampling(dev, tiny) -> dict:
         steps = max(len(s) for p in res.tokens for s in p)
         out[name] = {"ms_per_token": round(1e3 * dt / max(steps, 1), 2),
                      "tokens_per_s": round(res.completion_tokens / dt, 1)}
+    return out
+
+
+def decode(dev, tiny) -> dict:
+    """Where a decode step's time goes: the launch latency of one tiny kernel, our batch-1 greedy step eager (with
+    the sampler's SDPA backends and with any backend) and under `compile=True`, `transformers` generate on the same weights (when importable), and the profiler's top ops
+    of a few eager steps (printed, not kept)."""
+    from preflexor.sampler import generate_ex
+
+    x = torch.zeros(8, device=dev)
+    for _ in range(10):
+        x.add_(1)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        x.add_(1)
+    _sync(dev)
+    out = {"launch_us": round(1e6 * (time.perf_counter() - t0) / 2000, 2)}
+    model = _model(dev, tiny).eval()
+    V, new = model.config.vocab_size, (8 if tiny else 64)
+    prompt = [torch.randint(3, V, (64,), generator=torch.Generator().manual_seed(2)).tolist()]
+
+    def timed(fn):
+        fn(new)  # warm-up, at the timed shape (a compiled step is specialised to the cache length)
+        _sync(dev)
+        t0 = time.perf_counter()
+        n = fn(new)
+        _sync(dev)
+        return round(1e3 * (time.perf_counter() - t0) / n, 2)
+
+    out["ours_eager_ms_per_token"] = timed(lambda n: len(generate_ex(model, prompt, n).tokens[0][0]))
+    if dev.type == "cuda":
+        from preflexor import sampler
+
+        kept, sampler.DECODE_SDPA_BACKENDS = sampler.DECODE_SDPA_BACKENDS, ()
+        try:  # every SDPA backend allowed (cuDNN's included), as before the decode setting
+            out["ours_eager_any_sdpa_ms_per_token"] = timed(lambda n: len(generate_ex(model, prompt, n).tokens[0][0]))
+        finally:
+            sampler.DECODE_SDPA_BACKENDS = kept
+        try:
+            out["ours_compiled_ms_per_token"] = timed(
+                lambda n: len(generate_ex(model, prompt, n, compile=True).tokens[0][0]))
+        except Exception as e:  # noqa: BLE001 -- a compile failure is a finding, not the end of the item
+            out["ours_compiled_ms_per_token"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        out["transformers_ms_per_token"] = "not importable"
+    else:
+        cfg = dict(TINY if tiny else LLAMA_3B)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(next(model.parameters()).dtype)
+        try:
+            with torch.device(dev):
+                hf = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+        finally:
+            torch.set_default_dtype(default)
+        hf.load_state_dict(model.state_dict(), strict=False)
+        ids = torch.tensor(prompt, device=dev)
+
+        def hf_run(n):
+            with torch.inference_mode():
+                return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False).shape[1] - ids.shape[1]
+        out["transformers_ms_per_token"] = timed(hf_run)
+        del hf
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        generate_ex(model, prompt, 8)
+        _sync(dev)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr, flush=True)
+    events = prof.key_averages()
+    out["profile_8_tokens"] = {"self_cpu_ms": round(sum(e.self_cpu_time_total for e in events) / 1e3, 1),
+                               "top_self_cpu": [(e.key, round(e.self_cpu_time_total / 1e3, 2), e.count)
+                                                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]]}
     return out
 
 
@@ -322,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "gpu_check.jsonl"))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (Triton under TRITON_INTERPRET=1)")
     ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json for the scripts item")
-    ap.add_argument("--only", help="comma list of items (versions,kernels,loss_head,training_step,sampling,scripts)")
+    ap.add_argument("--only", help="comma list of items (versions,kernels,loss_head,training_step,sampling,decode,scripts)")
     args = ap.parse_args(argv)
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -340,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                              "tokenizer.json") if p.is_file()]
         args.tokenizer = found[0] if found else None
     items = {"versions": versions, "kernels": kernels, "loss_head": loss_head, "training_step": training_step,
-             "sampling": sampling, "scripts": lambda d, t: scripts(d, t, args.tokenizer)}
+             "sampling": sampling, "decode": decode, "scripts": lambda d, t: scripts(d, t, args.tokenizer)}
     chosen = args.only.split(",") if args.only else list(items)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,16 +18,21 @@ from __future__ import annotations
 import random
 import threading
 import weakref
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from preflexor.fast import cpu_infer
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
+# SDPA backends for generation on CUDA: not cuDNN's, whose plans are specialised to the key length (one more every
+# decode step), so each step paid for a new plan on the CPU (bench/RESULTS_gpu.md). Empty: torch's own choice.
+# `sdpa_kernel` sets process-wide flags: other threads' attention on CUDA skips cuDNN during a generation too.
+DECODE_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 @dataclass
@@ -180,6 +185,13 @@ def _decode_step_fn(compile: bool, device: torch.device):
     return _compiled_step
 
 
+def decode_attention(device: torch.device):
+    """The SDPA backends a generation on `device` runs under (`DECODE_SDPA_BACKENDS` on CUDA, else no change)."""
+    if device.type == "cuda" and DECODE_SDPA_BACKENDS:
+        return sdpa_kernel(list(DECODE_SDPA_BACKENDS))
+    return nullcontext()
+
+
 @contextmanager
 def _fresh_cache(model, B: int, S: int):
     """A new (B, S) KV cache and eval mode for one generation, under the model's lock; afterwards the cache is
@@ -277,6 +289,7 @@ def generate_ex(model, prompts: list[list[int]], max_new_tokens: int | list[int]
     reasons: list[str | None] = [None] * (B * N)
     with _fresh_cache(model, B, S), ExitStack() as stack:
         packed = stack.enter_context(cpu_infer.session(model, B * N)) if fast else None
+        stack.enter_context(decode_attention(device))
         head = head_params(model) if packed is None else packed.logits  # weight and bias, or the packed head
         logits = prefill(model, padded, positions, _prefill_mask(pad, L, S)[..., :L], head)  # (B, V): L slots
         padded_rows = bool((pad > 0).any())  # the fast step needs no mask when no row is left-padded

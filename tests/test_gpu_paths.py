@@ -166,7 +166,7 @@ def test_gpu_check_runs_in_tiny_cpu_mode(tmp_path, tiny_llama_dir):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = {x["item"]: x for x in map(json.loads, out.read_text().splitlines())}
-    assert list(recs) == ["versions", "kernels", "loss_head", "training_step", "sampling", "scripts"]
+    assert list(recs) == ["versions", "kernels", "loss_head", "training_step", "sampling", "decode", "scripts"]
     assert not any("error" in x for x in recs.values())
     k = recs["kernels"]
     for mode in ("frozen", "weight_grad", "rows"):
@@ -221,3 +221,19 @@ def test_head_lora_is_a_low_rank_term_not_folded_into_a_bf16_head(tied):
         torch.nn.functional.linear(x, A.to(x.dtype)), B.to(x.dtype)) * s
     assert torch.equal(model.head_logits(x), lowrank)
     assert torch.equal(_head(model, x, head_params(model)), lowrank.float())
+
+
+def test_generation_on_cuda_leaves_cudnn_attention_out():
+    """cuDNN's SDPA plans are specialised to the key length, which grows every decode step (on an H200 each call cost
+    1.7 ms of CPU, bench/RESULTS_gpu.md): a generation on CUDA runs with cuDNN attention switched off, restores the
+    flags afterwards, and leaves the CPU's choice alone."""
+    from preflexor.sampler import decode_attention
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with decode_attention(torch.device("cuda", 0)):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with decode_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
