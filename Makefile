@@ -20,16 +20,17 @@ $(STAMP): requirements.txt requirements-assets.txt requirements-test.txt
 	$(PIP) install -q -r requirements-test.txt
 	touch $(STAMP)
 
-# Stage 1: ORPO with thinking tokens in the active loop -> runs/stage1/final/{adapter,model}
+# Stage 1: ORPO on the reasoning teacher's pairs in the active loop, then held-out exact accuracy on 200 questions
+# -> runs/stage1/final/{adapter,model} (CONFIG=configs/stage1_grounded.yaml: the definition-style teacher)
 train-stage1: setup
 	$(PY) train_orpo.py --config $(or $(CONFIG),configs/stage1_orpo.yaml) $(ARGS)
 
-# Stage 2: EXO on on-policy rejected answers, thinking masked -> runs/stage2/final/{adapter,model}
+# Stage 2: EXO on on-policy rejected answers (the wrong ones), thinking masked -> runs/stage2/final/{adapter,model}
 train-stage2: setup
 	$(PY) train_dpo.py --config $(or $(CONFIG),configs/stage2_exo.yaml) $(ARGS)
 
-# Stage 3: GRPO (loss.name=dr_grpo | dapo) with exact rewards from the knowledge graph, from the stage-2 reasoning
-# model (both stages with CONFIG=configs/stage{1,2}_reasoning.yaml) -> runs/stage3/final/{adapter,model}
+# Stage 3: GRPO (loss.name=dr_grpo | dapo) with exact rewards from the knowledge graph, from the stage-2 model
+# -> runs/stage3/final/{adapter,model}
 train-stage3: setup
 	$(PY) train_rl.py --config $(or $(CONFIG),configs/stage3_grpo.yaml) $(ARGS)
 
@@ -43,8 +44,9 @@ RUN ?= runs/stage1
 eval: setup
 	$(PY) evaluate.py $(RUN) $(ARGS)
 
-# Ablation grid, resumable (GRID=reduced: ~16 min on 2 CPU cores | full: ~16 h | stage3: stage 1+2 vs +3 and the
-# policy losses, from runs/stage2_reasoning, ~55 min) -> runs/ablations/$(GRID)/, results/
+# Ablation grid, resumable (GRID=reduced: the stage-2 knobs on the reasoning teacher, 3 paired seeds, see
+# results/ablations.md for its cost | full: every knob at full size | stage3: stage 1+2 vs +3 and the policy losses,
+# from runs/stage2 | grounded, grounded_full: the definition-style teacher) -> runs/ablations/$(GRID)/, results/
 GRID ?= reduced
 ablations: setup
 	$(PY) ablations.py --grid configs/ablations/$(GRID).yaml $(ARGS)

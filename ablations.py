@@ -43,7 +43,8 @@ from preflexor.checkpoint import load_model_and_tokenizer, read_run_config, run_
 from preflexor.config import RunConfig, from_dict, load_config, to_dict
 from preflexor.data import load_pairs
 from preflexor.errors import UserError, exit_on_user_error
-from preflexor.metrics import METRIC_DOC, _mean, corpus_graph, paired_delta, score_answers, summarize_answers
+from preflexor.metrics import (METRIC_DOC, _mean, bootstrap_ci, corpus_graph, paired_delta, score_answers,
+                               summarize_answers)
 from preflexor.reasoning import ModelGenerator, recursive_thinking
 from preflexor.thinking import THINK_START, TRIGGER, split_thinking
 from preflexor.utils import atomic_write_json, atomic_write_text, git_hash, machine_info, save_png
@@ -84,6 +85,7 @@ class Cell:
     depth: int | None = None  # recursion cells
     integrate: bool | None = None
     group: str = ""  # recursion cells: the grid entry they were expanded from (one sweep computes the group)
+    vs: str | None = None  # reasoning grids: the cell this one is compared with, seed by seed (the default)
 
 
 @dataclass
@@ -155,7 +157,7 @@ def load_grid(path: str | Path) -> Grid:
         if kind not in KINDS:
             raise UserError(f"{where}: kind {kind!r} (valid: {', '.join(KINDS)})")
         bad = sorted(set(c) - {"name", "kind", "seeds", "overrides", "from", "axes", "label", "depths", "integrate",
-                               "path"})
+                               "path", "vs"})
         if bad:
             raise UserError(f"{where}: unknown key '{bad[0]}'")
         if (kind == "model") != ("path" in c):
@@ -173,7 +175,14 @@ def load_grid(path: str | Path) -> Grid:
             raise UserError(f"{where}: stage-3 cells need eval.kind: reasoning (their rewards are exact answers)")
         if kind == "recursion" and ev["kind"] != "grounded":
             raise UserError(f"{where}: recursion cells sweep the grounded eval set (eval.kind: grounded)")
-        common = dict(overrides=[str(o) for o in c.get("overrides") or []], source=src,
+        vs = c.get("vs")
+        if vs is not None:
+            other = next((p for p in cells if p.name == vs), None)
+            if ev["kind"] != "reasoning" or other is None or other.kind != kind or \
+                    not set(seeds) <= set(other.seeds):
+                raise UserError(f"{where}: 'vs' names an earlier {kind} cell with the same seeds, in a grid with "
+                                f"eval.kind: reasoning (got {vs!r})")
+        common = dict(overrides=[str(o) for o in c.get("overrides") or []], source=src, vs=vs,
                       axes=list(c.get("axes") or []), label=str(c.get("label", "")),
                       path=str(c["path"]) if "path" in c else None)
         if kind == "recursion":
@@ -562,6 +571,61 @@ def _stats(xs: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))  # sample std (n - 1)
 
 
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def versus(grid: Grid, cell: Cell, out: Path) -> dict | None:
+    """A cell against its `vs` cell on the same questions, seed by seed (seed k of both: the same training and data
+    seeds): each seed's paired accuracy difference, their mean and sample std over seeds, the 95% t-interval of that
+    mean (the spread between trainings), and a paired bootstrap over questions and seeds pooled (question noise
+    only). None until some seed of both is evaluated."""
+    def answers(c: Cell, seed: int) -> dict:
+        return json.loads((run_dir(out, c, seed) / "reasoning.json").read_text())["models"][0]["answers"]
+
+    other, per_seed, pooled = grid.cell(cell.vs), {}, []
+    for seed in cell.seeds:
+        if not all((run_dir(out, c, seed) / "reasoning.json").is_file() for c in (cell, other)):
+            continue
+        a, b = answers(other, seed), answers(cell, seed)
+        per_seed[seed] = paired_delta(a, b)["delta"]
+        pooled += [float(y["correct"]) - float(x["correct"]) for x, y in zip(a["samples"], b["samples"])]
+    if not per_seed:
+        return None
+    mean, sd = _stats(list(per_seed.values()))
+    n = len(per_seed)
+    half = _T975.get(n - 1, 1.96) * sd / math.sqrt(n) if sd is not None else None
+    ci = [round(mean - half, 4), round(mean + half, 4)] if half is not None else None
+    return {"per_seed": per_seed, "mean": mean, "sd": sd, "t_ci95": ci, "pooled_ci95": bootstrap_ci(pooled),
+            "beyond_spread": bool(ci and (ci[0] > 0 or ci[1] < 0)), "beyond_sd": bool(sd and abs(mean) > sd)}
+
+
+def versus_lines(grid: Grid, out: Path) -> list[str]:
+    """The report's table of every cell against its `vs` cell (`versus`)."""
+    cells = [c for c in grid.cells if c.vs]
+    if not cells:
+        return []
+    lines = ["## Each knob against the default (paired by seed)", "",
+             "Δ = exact accuracy of the cell minus that of its `vs` cell at the same seed (same training seed, data "
+             "seed and questions). The **t-interval** is the 95% interval of the mean Δ over seeds (the spread "
+             "between trainings); a Δ is **beyond its spread** when that interval excludes 0, and **|Δ| > sd** "
+             "when the mean is farther from 0 than one standard deviation over seeds. The pooled bootstrap "
+             "resamples questions (and seeds together) and shows the question noise only.", "",
+             "| cell | vs | n | Δ per seed | mean Δ ± sd | t-interval (95%) | pooled bootstrap (95%) | beyond its "
+             "spread |", "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        v = versus(grid, c, out)
+        if v is None:
+            lines.append(f"| `{c.name}` | `{c.vs}` | 0 | — | — | — | — | — |")
+            continue
+        ci = "—" if v["t_ci95"] is None else f"[{v['t_ci95'][0]:+.3f}, {v['t_ci95'][1]:+.3f}]"
+        sd = "" if v["sd"] is None else f" ± {v['sd']:.3f}"
+        verdict = "**yes**" if v["beyond_spread"] else "\\|Δ\\| > sd only" if v["beyond_sd"] else "no"
+        lines.append(f"| `{c.name}` | `{c.vs}` | {len(v['per_seed'])} | " +
+                     ", ".join(f"{d:+.3f}" for d in v["per_seed"].values()) + f" | {v['mean']:+.3f}{sd} | {ci} | "
+                     f"[{v['pooled_ci95'][0]:+.3f}, {v['pooled_ci95'][1]:+.3f}] | {verdict} |")
+    return lines + [""]
+
+
 def collect(grid: Grid, out: Path) -> dict:
     """Per cell: the eval.json of every finished seed, and the costs."""
     res = {}
@@ -735,6 +799,7 @@ def write_report(grid: Grid, out: Path, report: Path, command: str) -> str:
         lines.append("")
     doc = {**METRIC_DOC, **REASONING_DOC} if reasoning else METRIC_DOC
     lines += ["Metrics: " + "; ".join(f"**{names[k]}** = {doc.get(k, k)}" for k in cols) + ".", ""]
+    lines += versus_lines(grid, out)
     # --- plots ------------------------------------------------------------------------------------------------
     pngs = plot_report(grid, data, report.parent, report.stem)
     lines += [f"![{p.stem}]({p.name})" for p in pngs] + [""]

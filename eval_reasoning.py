@@ -49,9 +49,9 @@ def model_path(run: str) -> str:
 def evaluate(run: str, examples: list[dict], checker: RelationChecker, max_new_tokens: int, probe: int,
              recursive: int, device: str = "auto", batch_size: int = 16) -> dict:
     rt = setup_runtime(device, "auto")
-    system = None
-    if run != "base" and (Path(run) / "config.json").is_file():
-        system = read_run_config(Path(run)).get("data", {}).get("system_prompt")
+    data = read_run_config(Path(run)).get("data", {}) if run != "base" and (Path(run) / "config.json").is_file() \
+        else {}
+    system = data.get("system_prompt")
     model, tok = load_model_and_tokenizer(model_path(run), dtype=rt.dtype, device=rt.device,
                                           add_reasoning_tokens=True)
     model = fast.install(model, True).eval()
@@ -59,8 +59,10 @@ def evaluate(run: str, examples: list[dict], checker: RelationChecker, max_new_t
     acc = graded_accuracy(model, tok, examples, max_new_tokens, system, None, checker, model_path(run), batch_size)
     out = {"run": run, "model": model_path(run), "answers": acc, "answers_kept_from_training":
            load_answer_eval(model_path(run), acc["key"]) is not None}
-    if probe:
-        out["probe"] = thinking_probe(model, tok, examples[:probe], system=system, batch_size=batch_size)
+    if probe:  # the pre-filled thinking laid out as this run's training data (with or without the KG section)
+        kg = data.get("kg_triples", DatagenConfig.kg_triples) > 0
+        shown = examples if kg else answer_set(checker.h.graph, probe, kg_section=False)
+        out["probe"] = thinking_probe(model, tok, shown[:probe], system=system, batch_size=batch_size)
     if recursive > 1:
         out["recursion"] = recursion_accuracy(model, tok, examples, GraphCritic(checker), recursive, max_new_tokens,
                                               system=system, batch_size=batch_size,
@@ -112,12 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories, model directories or 'base'")
     ap.add_argument("--n", type=int, default=200, help="questions of the fixed held-out set (default 200)")
-    ap.add_argument("--max-new-tokens", type=int, default=384, help="budget per answer (fits every thinking)")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="budget per answer (fits every chosen thinking and "
+                    "answer; the training configs' train.eval_answer_tokens)")
     ap.add_argument("--probe", type=int, default=200, help="questions for the probe (0 = none)")
     ap.add_argument("--recursive", type=int, default=0, help="N >= 2: accuracy against N with the graph critic")
     ap.add_argument("--corpus", default="ontology")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", required=True, help="output directory (reasoning.json, reasoning.md)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.max_new_tokens < 1 or args.probe < 0:

@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- data: the reasoning teacher's training questions (gold answers from the graph), the fixed held-out set
     graph = build_sources(DatagenConfig(corpus=dc.corpus, retrieval="none"))[2]
-    teacher = ReasoningTeacher(graph, seed=dc.seed)
+    teacher = ReasoningTeacher(graph, seed=dc.seed, kg_section=dc.kg_triples > 0, facts=dc.retrieval != "none")
     checker = RelationChecker(graph)
     judge = Judge(rc.judge_url, rc.judge_model) if rc.reward_judge else None
-    graded = answer_set(graph, tc.eval_answers) if tc.eval_answers else []
+    graded = answer_set(graph, tc.eval_answers, dc.kg_triples > 0) if tc.eval_answers else []
 
     def questions_at(position: int) -> list[dict]:  # this rank's share of the step's questions
         start = position + rt.rank * Q

@@ -63,18 +63,22 @@ class DataConfig:
                               "heldout_pairs": at_least(0), "max_prompt_len": at_least(1), "max_length": at_least(2)}
     pairs: str | None = None  # a preference JSONL; None = the active loop generates pairs
     corpus: str = "ontology"  # "ontology" (embedded default), a folder of .txt/.md, or a .jsonl with "text"
-    retrieval: str = "tfidf"  # tfidf | dense | hybrid | none
+    retrieval: str = "tfidf"  # tfidf | dense | hybrid | graph (reasoning teacher: facts from the graph) | none
     teacher: str = "grounded"  # reasoning (KG tasks, checkable answers) | grounded | http | local
     teacher_url: str = "http://127.0.0.1:8000/v1"
     teacher_model: str = "default"
     teacher_source: str | None = None  # checkpoint for the local teacher
     rejected_source: str = "model"  # model | teacher_incorrect
+    only_include_wrong_answers: bool = False  # train only on pairs whose model-written rejected answer is wrong
+    #                                          (checkable tasks: meta.rejected_correct); the reference's switch
     kg_triples: int = 8  # graph triples in the Knowledge Graph thinking section; 0 = no such section (the paper's six)
     topics: list[str] | None = None  # instead of random chunks: the context retrieved for each topic in turn
     context_chunks: int = 3  # random chunks a question is drawn from (the reference takes 3)
     retrieve_k: int = 3  # chunks retrieved over the whole corpus for the question (retrieval: none = no enrichment)
     section_lines: int | None = None  # grounded teacher: at most this many lines per thinking section (short data)
     pairs_per_iteration: int = 16
+    refresh: bool = True  # the active loop: each iteration's pairs made with the current model; false: all made
+    #                       at the start by the starting model (static data)
     heldout_pairs: int = 16
     max_prompt_len: int = 256
     max_length: int = 768

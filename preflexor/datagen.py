@@ -36,9 +36,9 @@ from preflexor.data import load_pairs, validate_record
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.fast import cpu_infer
 from preflexor.graph import format_triples
-from preflexor.tasks import HELDOUT_START, answer_set
+from preflexor.tasks import HELDOUT_START, answer_set, check
 from preflexor.teacher import BACKGROUND, CATEGORIES, KNOWLEDGE_GRAPH, ChatTeacher, format_context, stable_rng
-from preflexor.thinking import TRIGGER, assemble_thinking
+from preflexor.thinking import TRIGGER, assemble_thinking, final_answer
 from preflexor.utils import append_jsonl, atomic_write_text, json_line
 
 # stage-1 rejected prompt: the question without the thinking trigger, asking for a direct answer (§2.2 step 8)
@@ -59,7 +59,7 @@ class DatagenConfig:
     corpus: str = "ontology"  # "ontology", a folder of .txt/.md, or a .jsonl with "text"
     chunk_size: int = 256
     chunk_overlap: int = 32
-    retrieval: str = "tfidf"  # tfidf | dense | hybrid | none
+    retrieval: str = "tfidf"  # tfidf | dense | hybrid | graph (reasoning teacher: facts from the graph) | none
     retrieve_k: int = 3  # chunks retrieved for the question (enrichment)
     context_chunks: int = 3  # random chunks the question is drawn from (the reference takes 3)
     topics: list[str] | None = None  # instead of random chunks: retrieve the context for each topic in turn
@@ -318,6 +318,8 @@ def generate_pairs(n: int, teacher, docs, chunks, graph, retriever=None, rejecte
                                      top_k, top_p, system_prompt)
                 for p, r in zip(parts, rej):
                     p["rejected"] = r
+                    if p["meta"].get("teacher") == "reasoning":  # a checkable answer: is the model right after all?
+                        p["meta"]["rejected_correct"] = check(final_answer(r, keep_lines=True), p["meta"]["answer"])
             for p in parts:
                 rec = {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
                        "meta": {**p["meta"], "rejected_source": rejected_source, "stage": stage, "run": run_id}}
@@ -344,6 +346,8 @@ def teacher_id(teacher) -> str:
     if hasattr(teacher, "seed") and teacher.name == "grounded":
         lines = getattr(teacher, "section_lines", None)
         return f"grounded:{teacher.seed}" + (f":lines={lines}" if lines else "")
+    if teacher.name == "reasoning":
+        return f"reasoning:{teacher.seed}:kg={int(teacher.kg_section)}:facts={int(teacher.facts)}"
     return teacher.name
 
 
@@ -373,8 +377,12 @@ def build_teacher(cfg, docs, chunks, graph, retriever):
     from preflexor.teacher import GroundedTeacher, HTTPTeacher, LocalTeacher
 
     kind = _opt(cfg, "teacher")
-    if kind == "reasoning":
-        return ReasoningTeacher(graph, seed=_opt(cfg, "seed"))
+    if kind == "reasoning":  # the facts are retrieved from the graph ("graph", any retriever) or left out ("none")
+        return ReasoningTeacher(graph, seed=_opt(cfg, "seed"), kg_section=_opt(cfg, "kg_triples") > 0,
+                                facts=_opt(cfg, "retrieval") != "none")
+    if _opt(cfg, "retrieval") == "graph":
+        raise UserError(f"datagen: retrieval 'graph' (facts from the knowledge graph) is the reasoning teacher's; "
+                        f"teacher {kind!r} retrieves text: tfidf, dense, hybrid or none")
     if kind == "grounded":
         return GroundedTeacher(docs, chunks, graph, retriever, seed=_opt(cfg, "seed"),
                                section_lines=_opt(cfg, "section_lines"))
@@ -454,8 +462,10 @@ def save_graph(graph, out: Path, records: Sequence[dict] = (), n_png: int = 3, s
 class PairSource:
     """Where each iteration's pairs come from: a fixed preference JSONL (the last `data.heldout_pairs` records held
     out), or the active loop, which generates `data.pairs_per_iteration` fresh pairs per iteration with the current
-    model writing the rejected answers (stage 1 without the thinking trigger, stage 2 with it). Generated pairs are
-    kept in `out_dir/data/` (iter_NNN.jsonl, heldout.jsonl); a resumed run reads them back instead of regenerating."""
+    model writing the rejected answers (stage 1 without the thinking trigger, stage 2 with it); with
+    `data.refresh: false` the same pairs are all generated before the first step, by the starting model (static.jsonl).
+    Generated pairs are kept in `out_dir/data/` (iter_NNN.jsonl, heldout.jsonl); a resumed run reads them back
+    instead of regenerating."""
 
     HELDOUT_INDEX = HELDOUT_START  # held-out examples live in their own index range, away from training contexts
 
@@ -527,7 +537,7 @@ class PairSource:
         if n <= 0:
             return []
         try:
-            return answer_set(self.graph(), n)
+            return answer_set(self.graph(), n, kg_section=self.cfg.data.kg_triples > 0)
         except UserError as e:
             raise UserError(f"train.eval_answers: {e}") from None
 
@@ -541,9 +551,14 @@ class PairSource:
         if self.sources is None:
             return self.train_records
         n = self.cfg.data.pairs_per_iteration
-        records = self._generate(n, it * n, self.dir / f"iter_{it:03d}.jsonl")
+        if self.cfg.data.refresh:
+            records = self._generate(n, it * n, self.dir / f"iter_{it:03d}.jsonl")
+        else:  # static data: every iteration's pairs made at the start, by the starting model
+            records = self._generate(n * self.cfg.train.iterations, 0, self.dir / "static.jsonl")[it * n:(it + 1) * n]
         if self.rt.main:  # the graph as this iteration left it (an LLM teacher grows it)
             save_graph(self.sources[3], self.dir / "graph", records, step=f"iteration {it}")
+        if self.cfg.data.only_include_wrong_answers:  # the reference's switch: pairs whose rejected answer is right
+            records = [r for r in records if not r["meta"].get("rejected_correct")]  # would teach against the gold
         return records
 
 

@@ -239,18 +239,28 @@ def load_answer_eval(model_dir: str | Path, key: str) -> dict | None:
 
 
 def graded_accuracy(model, tok, examples: list[dict], max_new_tokens: int, system: str | None = None, rt=None,
-                    checker=None, reuse_from: str | None = None, batch_size: int = 16) -> dict | None:
+                    checker=None, reuse_from: str | None = None, batch_size: int = 64) -> dict | None:
     """`answer_accuracy` on `tasks` records (prompt, meta.answer), None for none; the result carries its `key`
     (`answer_eval_key`) so it can be kept (`save_answer_eval`). `reuse_from`: a model directory whose kept evaluation
-    of the same key is returned instead, e.g. the "after" of the run that saved the model."""
+    of the same key is returned instead, e.g. the "after" of the run that saved the model; for the embedded base
+    model (its name) the evaluation is computed once and kept in its cache directory."""
     if not examples:
         return None
+    from preflexor.checkpoint import DEFAULT_MODEL, default_model_dir
+
+    keep = reuse_from == DEFAULT_MODEL  # the embedded base model lives in our cache: its evaluation is kept there
+    if keep:
+        reuse_from = str(default_model_dir())
     prompts, golds = [r["prompt"] for r in examples], [r["meta"]["answer"] for r in examples]
     key = answer_eval_key(prompts, golds, max_new_tokens, system)
     if reuse_from and (kept := load_answer_eval(reuse_from, key)):
         print(f"answer evaluation of {reuse_from}: kept from the run that saved it")
         return {**kept, "key": key}
-    return {**answer_accuracy(model, tok, prompts, golds, max_new_tokens, system, batch_size, rt, checker), "key": key}
+    result = {**answer_accuracy(model, tok, prompts, golds, max_new_tokens, system, batch_size, rt, checker),
+              "key": key}
+    if keep and (rt is None or rt.main):
+        save_answer_eval(reuse_from, key, result)
+    return result
 
 
 def _factuality(checker, texts: list[str]) -> float | None:

@@ -320,19 +320,19 @@ def dense_embeddings(chunks: Sequence[Chunk], embedder: MiniLMEmbedder,
     return emb
 
 
-def build_retriever(kind: Literal["tfidf", "dense", "hybrid", "none"], chunks: Sequence[Chunk],
+def build_retriever(kind: Literal["tfidf", "dense", "hybrid", "graph", "none"], chunks: Sequence[Chunk],
                     cache_dir: str | os.PathLike | None = None,
                     embedder: MiniLMEmbedder | None = None) -> Retriever | None:
-    """Build a retriever of `kind` over `chunks` ("none" -> None).
+    """Build a retriever of `kind` over `chunks` ("none", and "graph": facts from the knowledge graph alone -> None).
 
     Args:
         cache_dir: root of the index cache (default: assets.cache_dir(), i.e. $PREFLEXOR_CACHE or ~/.cache/preflexor).
         embedder: a MiniLMEmbedder to reuse (dense/hybrid); loaded from the installed package when None.
     """
-    if kind == "none":
+    if kind in ("none", "graph"):
         return None
     if kind not in ("tfidf", "dense", "hybrid"):
-        raise UserError(f"retriever kind must be one of tfidf, dense, hybrid, none (got {kind!r})")
+        raise UserError(f"retriever kind must be one of tfidf, dense, hybrid, graph, none (got {kind!r})")
     if not chunks:
         raise UserError("cannot build a retriever over an empty corpus")
     if kind == "tfidf":

@@ -117,8 +117,10 @@ class ReasoningTeacher:
     name = "reasoning"
     concurrency = 1
 
-    def __init__(self, graph, seed: int = 0, heldout_fraction: float = 0.1, distractors: int = 4):
-        self.h, self.seed, self.n_distract = Hierarchy(graph), seed, distractors
+    def __init__(self, graph, seed: int = 0, heldout_fraction: float = 0.1, distractors: int = 4,
+                 kg_section: bool = True, facts: bool = True):
+        self.h, self.seed, self.n_distract, self.kg_section = Hierarchy(graph), seed, distractors, kg_section
+        self.facts = facts  # the facts in the prompt (retrieval on); False: the question alone (the model's memory)
         with_parent = sorted(self.h.parents)
         self.heldout = {n for n in with_parent if n not in self.h.children and _hash01("heldout", n) < heldout_fraction}
         self.train = [n for n in with_parent if n not in self.heldout]
@@ -279,13 +281,16 @@ class ReasoningTeacher:
         else:
             raise UserError(f"teacher 'reasoning': no {kind} task found for example {index}")
         L = self.h.label
-        prompt = ("Facts:\n" + "\n".join(f"- {self._fact_line(e)}" for e in t["facts"]) + f"\n\n{t['question']}")
+        prompt = ("Facts:\n" + "\n".join(f"- {self._fact_line(e)}" for e in t["facts"]) + "\n\n"
+                  if self.facts else "") + t["question"]
         kg = "\n".join(f"[{L(a)}] -[is_a]-> [{L(b)}]" for a, b in t["relations"])
         steps = "\n".join(f"{k}. {s}" for k, s in enumerate(t["steps"], 1))
         wrong_kg = "\n".join(f"[{L(a)}] -[is_a]-> [{L(b)}]" for a, b in t["wrong_relations"])
         wrong_steps = "\n".join(f"{k}. {s}" for k, s in enumerate(t["wrong_steps"], 1))
-        chosen = assemble_thinking({"Knowledge Graph": kg, "Reasoning Steps": steps}) + "\n" + t["gold"]
-        rejected = assemble_thinking({"Knowledge Graph": wrong_kg, "Reasoning Steps": wrong_steps}) + "\n" + t["wrong"]
+        sections = lambda g, st: {"Knowledge Graph": g, "Reasoning Steps": st} if self.kg_section else \
+            {"Reasoning Steps": st}  # noqa: E731
+        chosen = assemble_thinking(sections(kg, steps)) + "\n" + t["gold"]
+        rejected = assemble_thinking(sections(wrong_kg, wrong_steps)) + "\n" + t["wrong"]
         meta = {"index": index, "seed": self.seed, "teacher": self.name, "task": t["kind"], "question": t["question"],
                 "answer": t["gold"], "rejected_answer": t["wrong"], "heldout": held, "concepts": t["concepts"],
                 "facts": [list(e) for e in t["facts"]], "relations": [list(e) for e in t["relations"]],
@@ -296,11 +301,12 @@ class ReasoningTeacher:
 EVAL_SEED = 0  # the evaluation set's seed: the same questions for every run, seed and ablation cell
 
 
-def answer_set(graph, n: int) -> list[dict]:
+def answer_set(graph, n: int, kg_section: bool = True) -> list[dict]:
     """The fixed held-out evaluation set: `n` examples about held-out concepts (never in training), written with
     EVAL_SEED whatever the run's seed, each with its gold answer in meta; prompts carry the thinking trigger as the
-    training prompts do (meta.question is the prompt without it)."""
-    teacher, out = ReasoningTeacher(graph, seed=EVAL_SEED), []
+    training prompts do (meta.question is the prompt without it). `kg_section` lays out the chosen and decoy
+    thinking (the probe pre-fills them) as the run's training data; questions and answers do not depend on it."""
+    teacher, out = ReasoningTeacher(graph, seed=EVAL_SEED, kg_section=kg_section), []
     for i in range(n):
         ex = teacher.example(HELDOUT_START + i)
         ex["meta"]["question"], ex["prompt"] = ex["prompt"], ex["prompt"] + TRIGGER

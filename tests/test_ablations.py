@@ -49,21 +49,35 @@ cells:
 
 
 def test_grid_files_parse_and_bad_grids_name_the_file(tmp_path):
-    reduced = load_grid(ROOT / "configs/ablations/reduced.yaml")
-    full = load_grid(ROOT / "configs/ablations/full.yaml")
-    for g in (reduced, full):
+    grounded = load_grid(ROOT / "configs/ablations/grounded.yaml")
+    grounded_full = load_grid(ROOT / "configs/ablations/grounded_full.yaml")
+    for g in (grounded, grounded_full):
         kinds = {c.kind for c in g.cells}
         assert kinds == {"base", "stage1", "stage2", "recursion"}
         rec = [c for c in g.cells if c.kind == "recursion"]
         assert sorted((c.depth, c.integrate) for c in rec) == [(d, i) for d in (1, 2, 3) for i in (False, True)]
         assert all(g.cell(c.source).kind == "stage1" for c in g.cells if c.kind == "stage2")
-    # the full grid covers every value of every knob of the issue
-    ov = " ".join(o for c in full.cells for o in c.overrides)
+    # the full grounded grid covers every value of every knob
+    ov = " ".join(o for c in grounded_full.cells for o in c.overrides)
     for v in ("loss.mask=random_fraction", "loss.mask_fraction=0.2", "loss.mask=none", "loss.name=sigmoid",
               "loss.name=ipo", "data.rejected_source=teacher_incorrect", "data.retrieval=dense",
               "data.retrieval=hybrid", "data.retrieval=none"):
         assert v in ov, v
-    assert all(len(c.seeds) == 3 for c in full.cells if c.kind != "base") and not full.share_stage1
+    assert all(len(c.seeds) == 3 for c in grounded_full.cells if c.kind != "base") and not grounded_full.share_stage1
+    # the reasoning grids: one knob per stage-2 cell against the default, seed by seed, on the 200 fixed questions
+    reduced, full = load_grid(ROOT / "configs/ablations/reduced.yaml"), load_grid(ROOT / "configs/ablations/full.yaml")
+    for g in (reduced, full):
+        assert g.eval["kind"] == "reasoning" and g.eval["n_questions"] >= 200
+        assert {c.kind for c in g.cells} == {"base", "stage1", "stage2"}
+        knobs = [c for c in g.cells if c.kind == "stage2" and c.name != "stage1+2"]
+        assert knobs and all(c.vs == "stage1+2" and len(c.seeds) >= 3 for c in knobs)
+        ov = " ".join(o for c in knobs for o in c.overrides)
+        for v in ("loss.mask=random_fraction", "loss.mask_fraction=0.2", "loss.mask=none", "loss.name=sigmoid",
+                  "loss.name=ipo", "data.rejected_source=teacher_incorrect", "data.retrieval=none",
+                  "data.refresh=false"):
+            assert v in ov, v
+    assert reduced.share_stage1 and [c.seeds for c in reduced.cells if c.kind == "stage1"] == [[0]]
+    assert not full.share_stage1
     assert seed_overrides("stage1", 1) == ["train.seed=1001", "data.seed=10"]
     assert seed_overrides("stage2", 1) == ["train.seed=2001", "data.seed=11"]
 
@@ -77,7 +91,11 @@ def test_grid_files_parse_and_bad_grids_name_the_file(tmp_path):
         ("cells:\n  - {name: a, kind: model, path: x}\n  - {name: b, kind: stage3, from: a}\n",
          r"cells\[1\]: stage-3 cells need eval.kind: reasoning"),
         ("eval: {kind: reasoning}\ncells:\n  - {name: a, kind: stage1}\n  - {name: b, kind: stage3, from: a}\n",
-         r"cells\[1\]: a stage3 cell starts from a stage2 or model cell")]:
+         r"cells\[1\]: a stage3 cell starts from a stage2 or model cell"),
+        ("eval: {kind: reasoning}\ncells:\n  - {name: a, kind: stage1, seeds: [0]}\n"
+         "  - {name: b, kind: stage1, seeds: [0, 1], vs: a}\n", r"cells\[1\]: 'vs' names an earlier stage1 cell"),
+        ("cells:\n  - {name: a, kind: stage1}\n  - {name: b, kind: stage1, vs: a}\n",
+         r"cells\[1\]: 'vs' names an earlier stage1 cell with the same seeds, in a grid with eval.kind: reasoning")]:
         bad.write_text(text)
         with pytest.raises(UserError, match=r"bad\.yaml: " + says):
             load_grid(bad)
@@ -240,3 +258,45 @@ cells:
     assert f"{ev3['exact_accuracy']:.3f}" in row and "--only s3`" in row
     assert f"(the model of `{start}`, trained outside the grid)" in text
     assert (report.parent / "s3.png").is_file()
+
+
+def test_a_knob_is_compared_with_the_default_seed_by_seed(tmp_path):
+    """`vs`: each seed's paired difference on the same questions, their mean and spread, the t-interval over seeds
+    deciding "beyond its spread", and the pooled bootstrap; the report's table says which knob moved accuracy."""
+    import math
+
+    from ablations import versus, write_report
+    from preflexor.metrics import bootstrap_ci
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("""name: g
+eval: {kind: reasoning, n_questions: 10, max_new_tokens: 8}
+seeds: [0, 1, 2]
+cells:
+  - {name: s1, kind: stage1, seeds: [0]}
+  - {name: d, kind: stage2, from: s1}
+  - {name: up, kind: stage2, from: s1, vs: d}
+  - {name: same, kind: stage2, from: s1, vs: d}
+""")
+    g, out = load_grid(grid), tmp_path / "out"
+    right = {"d": [3, 4, 5], "up": [7, 7, 8], "same": [4, 3, 5]}  # correct answers of 10, per seed
+    for name, ks in right.items():
+        for seed, k in enumerate(ks):
+            d = run_dir(out, g.cell(name), seed)
+            d.mkdir(parents=True)
+            samples = [{"correct": i < k} for i in range(10)]
+            (d / "reasoning.json").write_text(json.dumps({"models": [{"answers": {
+                "n": 10, "exact_accuracy": k / 10, "samples": samples}}]}))
+    up, same = versus(g, g.cell("up"), out), versus(g, g.cell("same"), out)
+    assert up["per_seed"] == {0: 0.4, 1: 0.3, 2: 0.3} and same["per_seed"] == {0: 0.1, 1: -0.1, 2: 0.0}
+    sd = math.sqrt(sum((x - 1 / 3) ** 2 for x in (0.4, 0.3, 0.3)) / 2)
+    assert math.isclose(up["mean"], 1 / 3) and math.isclose(up["sd"], sd)
+    assert math.isclose(up["t_ci95"][0], round(1 / 3 - 4.303 * sd / math.sqrt(3), 4))
+    assert up["beyond_spread"] and not same["beyond_spread"] and not same["beyond_sd"]
+    pooled = [float(k <= i < u) for k, u in zip(right["d"], right["up"]) for i in range(10)]  # questions x seeds
+    assert up["pooled_ci95"] == bootstrap_ci(pooled)
+    text = write_report(g, out, tmp_path / "r.md", "cmd")
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| `up`") or
+            line.startswith("| `same`")}
+    assert rows["| `up`"].endswith("| **yes** |") and "+0.400, +0.300, +0.300" in rows["| `up`"]
+    assert rows["| `same`"].endswith("| no |")

@@ -212,3 +212,94 @@ def test_graph_critic_fixes_the_false_steps_and_drives_recursive_thinking(graph,
     assert res.answers == [ex["meta"]["rejected_answer"], ex["meta"]["answer"], ex["meta"]["answer"]]
     assert check(res.final_answer, ex["meta"]["answer"])  # the majority of the three
     assert critic.integrate("q", ["No", "Yes.", "yes"]) == "yes" and critic.integrate("q", ["A", "B"]) == "B"
+
+
+def test_without_the_kg_section_the_thinking_is_the_reasoning_steps_alone(graph, teacher):
+    """`kg_section=False` (data.kg_triples: 0): the same examples with the Knowledge Graph section left out of both
+    sides' thinking; prompts, answers, meta and the Reasoning Steps are unchanged."""
+    from preflexor.tasks import RelationChecker, answer_set, stated_relations
+    from preflexor.thinking import split_thinking
+
+    plain = ReasoningTeacher(graph, seed=3, kg_section=False)
+    rc = RelationChecker(graph)
+    for i in (0, 1, 2, 3, HELDOUT_START + 5):
+        a, b = teacher.example(i), plain.example(i)
+        assert (a["prompt"], a["meta"]) == (b["prompt"], b["meta"])
+        for side in ("chosen", "rejected"):
+            ta, tb = split_thinking(a[side]), split_thinking(b[side])
+            assert ta["answer"] == tb["answer"] and "**Knowledge Graph**" in ta["thinking"]
+            assert "**Knowledge Graph**" not in tb["thinking"] and tb["thinking"].startswith("**Reasoning Steps**")
+            assert tb["thinking"] in ta["thinking"]  # the steps, as they were
+        rels = stated_relations(split_thinking(b["chosen"])["thinking"])
+        assert rels and all(rc.true(r) for r in rels)
+    held = answer_set(graph, 4, kg_section=False)
+    assert [r["meta"] for r in held] == [r["meta"] for r in answer_set(graph, 4)]
+    assert all("**Knowledge Graph**" not in r["chosen"] for r in held)
+
+
+def test_retrieval_none_leaves_the_facts_out_of_the_prompt(graph, teacher):
+    """`facts=False` (data.retrieval: none, the reference's use_rag=False): the question alone, the same answers and
+    thinking; the data fingerprint tells the two apart."""
+    from preflexor.datagen import teacher_id
+
+    bare = ReasoningTeacher(graph, seed=3, facts=False)
+    for i in (0, 1, 2, 3):
+        a, b = teacher.example(i), bare.example(i)
+        assert a["prompt"].startswith("Facts:\n- ") and "Facts" not in b["prompt"]
+        assert a["prompt"].endswith("\n\n" + b["prompt"]) and b["prompt"] == a["meta"]["question"]
+        assert (a["chosen"], a["rejected"]) == (b["chosen"], b["rejected"])
+    assert teacher_id(teacher) != teacher_id(bare)
+
+
+def test_static_data_is_made_before_the_first_step(graph, tmp_path, monkeypatch):
+    """data.refresh: false: iteration 0 generates every iteration's pairs into data/static.jsonl (the same examples
+    the active loop makes one iteration at a time), and each iteration takes its slice."""
+    import torch
+
+    from preflexor import datagen
+    from preflexor.config import RunConfig, load_config
+    from preflexor.runtime import Runtime
+
+    monkeypatch.setattr(datagen, "save_graph", lambda *a, **k: None)
+    got = {}
+    for refresh in (True, False):
+        cfg = load_config(RunConfig, None, ["data.teacher=reasoning", "data.retrieval=graph", "data.kg_triples=0",
+                                            "data.rejected_source=teacher_incorrect", "data.pairs_per_iteration=3",
+                                            "train.iterations=2", f"data.refresh={str(refresh).lower()}"])
+        src = object.__new__(datagen.PairSource)
+        src.cfg, src.tok, src.model, src.stage = cfg, None, torch.nn.Linear(1, 1), 1
+        src.rt, src.dir = Runtime(torch.device("cpu"), torch.float32, None), tmp_path / str(refresh) / "data"
+        src.sources = (datagen.build_teacher(cfg.data, None, [], graph, None), None, [], graph, None)
+        first = src.for_iteration(0)
+        files = sorted(p.name for p in src.dir.iterdir())
+        assert files == (["iter_000.jsonl"] if refresh else ["static.jsonl"])
+        got[refresh] = [first, src.for_iteration(1)]
+    assert [[r["meta"]["index"] for r in it] for it in got[False]] == [[0, 1, 2], [3, 4, 5]]
+    assert got[False] == got[True]
+
+
+def test_only_wrong_answers_drops_pairs_whose_rejected_answer_is_right(graph, tmp_path, monkeypatch):
+    """A model-written rejected answer to a checkable question is marked `meta.rejected_correct` in the pair file;
+    data.only_include_wrong_answers trains only on the pairs where it is wrong (the file keeps them all)."""
+    import torch
+
+    from preflexor import datagen
+    from preflexor.config import RunConfig, load_config
+    from preflexor.runtime import Runtime
+
+    monkeypatch.setattr(datagen, "save_graph", lambda *a, **k: None)
+    monkeypatch.setattr(datagen, "model_rejected", lambda model, tok, qs, *a, **k: [
+        "<|thinking|>\n**Reasoning Steps**:\n\n1. a guess.\n\n<|/thinking|>\nYes\nbecause" for _ in qs])
+    kept = {}
+    for only in (False, True):
+        cfg = load_config(RunConfig, None, ["data.teacher=reasoning", "data.retrieval=graph", "data.kg_triples=0",
+                                            "data.pairs_per_iteration=16", f"data.only_include_wrong_answers={only}"])
+        src = object.__new__(datagen.PairSource)
+        src.cfg, src.tok, src.model, src.stage = cfg, object(), torch.nn.Linear(1, 1), 2
+        src.rt, src.dir = Runtime(torch.device("cpu"), torch.float32, None), tmp_path / str(only) / "data"
+        src.sources = (datagen.build_teacher(cfg.data, None, [], graph, None), None, [], graph, None)
+        kept[only] = src.for_iteration(0)
+        on_disk = datagen.load_pairs(src.dir / "iter_000.jsonl")
+        assert [r["meta"]["rejected_correct"] for r in on_disk] == [r["meta"]["answer"] == "Yes" for r in on_disk]
+    assert len(kept[False]) == 16 and 0 < len(kept[True]) < 16
+    assert kept[True] == [r for r in kept[False] if r["meta"]["answer"] != "Yes"]
