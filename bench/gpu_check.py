@@ -384,7 +384,7 @@ def scripts(dev, tiny, tokenizer: Path | None) -> dict:
                                 "rejected": f"{b} is unrelated."}) + "\n")
     common = [f"data.pairs={work / 'pairs.jsonl'}", "data.heldout_pairs=2", "train.steps_per_iteration=2",
               "train.batch_size=2", "train.grad_accum=1", "train.save_every=1", "train.eval_generations=1",
-              "train.eval_max_new_tokens=4", "lora.r=4", "lora.alpha=8", "data.max_length=96",
+              "train.eval_max_new_tokens=4", "train.eval_answers=0", "lora.r=4", "lora.alpha=8", "data.max_length=96",
               f"train.device={dev.type}", f"model.dtype={'bfloat16' if dev.type == 'cuda' else 'float32'}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     runs = [("stage1", "train_orpo.py", "configs/stage1_orpo.yaml", [f"model.source={work / 'base'}",

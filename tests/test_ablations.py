@@ -39,7 +39,7 @@ def write_grid(tmp_path: Path, model: Path, pairs: Path, cells: str, extra: str 
     g.write_text(f"""name: micro
 threads: 1
 base_model: {model}
-stage1: {{config: configs/stage1_orpo.yaml, overrides: {tiny}}}
+stage1: {{config: configs/stage1_grounded.yaml, overrides: {tiny}}}
 eval: {{n_questions: 2, max_new_tokens: 4, eval_set: {{file: {pairs}}}}}
 {extra}
 cells:
@@ -197,7 +197,7 @@ def test_training_phases_and_the_cost_estimate(tmp_path):
     assert training_phases(d) == {"setup_s": 30.0, "gen_s": 60.0, "train_s": 300.0, "finish_s": 30.0}
 
     # a measured grid of one stage-1 cell, and a bigger grid estimated from it
-    cfgs = "stage1: {config: configs/stage1_orpo.yaml, overrides: [%s]}\n"
+    cfgs = "stage1: {config: configs/stage1_grounded.yaml, overrides: [%s]}\n"
     small = tmp_path / "small.yaml"
     small.write_text((cfgs % "train.iterations=1, train.steps_per_iteration=4, train.batch_size=1, "
                       "train.grad_accum=1, data.pairs_per_iteration=4, data.heldout_pairs=2, sample.max_new_tokens=50")

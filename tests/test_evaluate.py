@@ -202,9 +202,9 @@ def runs(tmp_path_factory, tiny_llama_dir):
               "train.batch_size=2", "train.grad_accum=1", "train.lr=1e-3", "train.eval_generations=0", "lora.r=4",
               "lora.alpha=8", "data.max_length=128", "data.max_prompt_len=64"]
     s1, s2 = root / "stage1", root / "stage2"
-    train_orpo.main(["--config", "configs/stage1_orpo.yaml", f"model.source={tiny_llama_dir}",
+    train_orpo.main(["--config", "configs/stage1_grounded.yaml", f"model.source={tiny_llama_dir}",
                      f"train.out_dir={s1}", *common])
-    train_dpo.main(["--config", "configs/stage2_exo.yaml", f"model.source={s1 / 'final' / 'model'}",
+    train_dpo.main(["--config", "configs/stage2_grounded.yaml", f"model.source={s1 / 'final' / 'model'}",
                     f"train.out_dir={s2}", *common])
     return {"pairs": pairs, "s1": s1, "s2": s2, "base": tiny_llama_dir}
 

@@ -73,7 +73,7 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, tiny_llama_dir):
 
     # stage 2 from the sharded stage 1: EXO with the adapter-disabled reference, on-policy samples generated gathered
     s2 = tmp_path / "stage2"
-    r = torchrun("train_dpo.py", ["--config", "configs/stage2_exo.yaml", f"model.source={sharded / 'final' / 'model'}",
+    r = torchrun("train_dpo.py", ["--config", "configs/stage2_grounded.yaml", f"model.source={sharded / 'final' / 'model'}",
                                   f"data.pairs={pairs}", "data.heldout_pairs=2", f"train.out_dir={s2}",
                                   "train.iterations=1", "train.steps_per_iteration=2", "train.batch_size=1",
                                   "train.eval_generations=1", "train.eval_max_new_tokens=4", "data.max_length=96",

@@ -46,7 +46,7 @@ def trained(tmp_path_factory, tiny_llama_dir):
     pairs = write_pairs(root / "pairs.jsonl")
 
     def argv(out: Path, *extra: str) -> list[str]:
-        return ["--config", "configs/stage1_orpo.yaml", *tiny_args(
+        return ["--config", "configs/stage1_grounded.yaml", *tiny_args(
             tiny_llama_dir, pairs, out, "train.iterations=1", "train.eval_generations=0", "train.keep_last=3",
             "train.save_merged=false", *extra)]
 

@@ -69,7 +69,7 @@ def test_reference_adds_no_parameter_storage(setup):
 def test_train_dpo_script_end_to_end_resume_and_bad_input(tmp_path, tiny_llama_dir):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "stage2"
-    args = ["--config", "configs/stage2_exo.yaml", *tiny_args(
+    args = ["--config", "configs/stage2_grounded.yaml", *tiny_args(
         tiny_llama_dir, pairs, out, "loss.name=exo_pair", "loss.epsilon=0.005", "loss.mask=answer_only",
         "loss.precompute_ref=true", "lora.train_new_token_rows=false", "train.iterations=1",
         "train.eval_generations=0", "train.eval_answers=3", "train.eval_answer_tokens=4")]
@@ -102,6 +102,30 @@ def test_train_dpo_script_end_to_end_resume_and_bad_input(tmp_path, tiny_llama_d
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow
+def test_the_default_configs_run_stage_1_then_stage_2_on_the_reasoning_teacher(tmp_path, tiny_llama_dir):
+    """configs/stage1_orpo.yaml then configs/stage2_exo.yaml as shipped (the reasoning teacher in the active loop, the
+    model's own rejected answers, the answer evaluation before and after), at tiny sizes: stage 1 scores the base
+    before and itself after; stage 2 marks its on-policy answers right or wrong, trains on the wrong ones only and
+    reads stage 1's evaluation as its "before"."""
+    small = [f"train.out_dir={tmp_path / 's1'}", "data.pairs_per_iteration=3", "data.heldout_pairs=1",
+             "train.iterations=1", "train.steps_per_iteration=1", "train.eval_answers=3", "train.eval_answer_tokens=4",
+             "sample.max_new_tokens=4", "lora.r=4", "lora.alpha=8"]
+    r = run_script("train_orpo.py", ["--config", "configs/stage1_orpo.yaml", f"model.source={tiny_llama_dir}", *small])
+    assert r.returncode == 0, r.stderr[-2000:]
+    s1 = json.loads((tmp_path / "s1" / "summary.json").read_text())
+    assert s1["answers_before"]["n"] == s1["answers_after"]["n"] == 3 and s1["answers_delta"] is not None
+    assert json.loads((tmp_path / "s1" / "config.json").read_text())["data"]["teacher"] == "reasoning"
+    r = run_script("train_dpo.py", ["--config", "configs/stage2_exo.yaml", *small, f"train.out_dir={tmp_path / 's2'}",
+                                    f"model.source={tmp_path / 's1' / 'final' / 'model'}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "kept from the run that saved it" in r.stdout
+    s2 = json.loads((tmp_path / "s2" / "summary.json").read_text())
+    assert s2["answers_before"] == s1["answers_after"]
+    pairs = [json.loads(x) for x in (tmp_path / "s2" / "data" / "iter_000.jsonl").read_text().splitlines()]
+    assert len(pairs) == 3 and all(p["meta"]["rejected_correct"] is False for p in pairs)  # a tiny random model
+
+
 # -- a new loss, registered from outside the package -------------------------------------------------------------
 
 
@@ -127,7 +151,7 @@ def test_a_loss_defined_here_trains_through_train_dpo(tmp_path, tiny_llama_dir, 
     assert float(simpo_loss(x, 2 * x, beta=2.0, gamma=0.5)[0]) == pytest.approx(0.201413, abs=1e-6)
     monkeypatch.setitem(LOSSES, "simpo", LossSpec(simpo_loss, average_logps=True, hparams={"beta": 2.0, "gamma": 0.5}))
     out = tmp_path / "simpo"
-    train_dpo.main(["--config", "configs/stage2_exo.yaml", *tiny_args(
+    train_dpo.main(["--config", "configs/stage2_grounded.yaml", *tiny_args(
         tiny_llama_dir, write_pairs(tmp_path / "pairs.jsonl"), out, "loss.name=simpo", "loss.gamma=0.3",
         "loss.mask=answer_only", "train.iterations=1", "train.eval_generations=0")])
     assert "loss: simpo {'beta': 0.1, 'gamma': 0.3}" in capsys.readouterr().out  # beta from the YAML

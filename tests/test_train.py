@@ -104,7 +104,7 @@ def test_microbatch_accumulation_equals_full_batch(tmp_path, tiny_llama_dir):
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
 
     def two_steps(out: Path, batch: int, accum: int) -> dict[str, torch.Tensor]:
-        train_orpo.main(["--config", "configs/stage1_orpo.yaml", *tiny_args(tiny_llama_dir, pairs, out), "lora.r=4",
+        train_orpo.main(["--config", "configs/stage1_grounded.yaml", *tiny_args(tiny_llama_dir, pairs, out), "lora.r=4",
                          f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.iterations=1",
                          "train.steps_per_iteration=2", "lora.dropout=0.0", "train.max_grad_norm=0",
                          "data.heldout_pairs=0", "train.save_every=1", "lora.train_new_token_rows=false"])
@@ -160,12 +160,12 @@ def test_torchrun_ranks_share_the_active_loops_generation(tmp_path, tiny_llama_d
               "sample.max_new_tokens=8", "train.iterations=2", "train.steps_per_iteration=2", "train.grad_accum=1",
               "train.lr=1e-3", "train.eval_generations=2", "train.eval_max_new_tokens=4", "lora.r=4", "lora.alpha=8",
               "lora.dropout=0.0", "train.device=cpu"]
-    r = run_script("train_orpo.py", ["--config", "configs/stage1_orpo.yaml", *common, f"train.out_dir={single}",
+    r = run_script("train_orpo.py", ["--config", "configs/stage1_grounded.yaml", *common, f"train.out_dir={single}",
                                      "train.batch_size=2"])
     assert r.returncode == 0, r.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(29500 + random.randint(0, 400)), str(ROOT / "train_orpo.py")]
-    r = subprocess.run([*torchrun, "--config", "configs/stage1_orpo.yaml", *common, f"train.out_dir={ddp}",
+    r = subprocess.run([*torchrun, "--config", "configs/stage1_grounded.yaml", *common, f"train.out_dir={ddp}",
                         "train.batch_size=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     files = sorted(p.name for p in (single / "data").iterdir() if p.is_file())
