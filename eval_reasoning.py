@@ -99,12 +99,13 @@ def markdown(result: dict) -> str:
                              f"{p['gold_under_decoy']:.3f} {_ci(p['gold_under_decoy_ci95'])} |")
     if any("recursion" in r for r in result["models"]):
         lines += ["", "Recursive reasoning with the grounded critic (reasoning.GraphCritic), accuracy against N "
-                  "answers:", "", "| model | N | last answer (95% CI) | integrated (95% CI) | thinking factuality |",
-                  "|---|---|---|---|---|"]
+                  "answers:", "", "| model | N | last answer (95% CI) | against N = 1 (paired 95% CI) | integrated (95% CI) "
+                  "| thinking factuality |", "|---|---|---|---|---|---|"]
         for r in result["models"]:
             for row in r.get("recursion", {}).get("rounds", []):
                 fact = "-" if row["factuality"] is None else f"{row['factuality']:.3f}"
-                lines.append(f"| {r['run']} | {row['N']} | {row['accuracy']:.3f} {_ci(row['ci95'])} | "
+                gain = f"{row['vs_first']:+.3f} {_ci(row['vs_first_ci95'])}" if "vs_first" in row else "-"
+                lines.append(f"| {r['run']} | {row['N']} | {row['accuracy']:.3f} {_ci(row['ci95'])} | {gain} | "
                              f"{row['integrated']:.3f} {_ci(row['integrated_ci95'])} | {fact} |")
     return "\n".join(lines) + "\n"
 

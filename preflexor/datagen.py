@@ -558,7 +558,11 @@ class PairSource:
         if self.rt.main:  # the graph as this iteration left it (an LLM teacher grows it)
             save_graph(self.sources[3], self.dir / "graph", records, step=f"iteration {it}")
         if self.cfg.data.only_include_wrong_answers:  # the reference's switch: pairs whose rejected answer is right
-            records = [r for r in records if not r["meta"].get("rejected_correct")]  # would teach against the gold
+            wrong = [r for r in records if not r["meta"].get("rejected_correct")]  # would teach against the gold
+            if records and not wrong:
+                raise UserError(f"iteration {it}: every sampled answer was right, so data.only_include_wrong_answers "
+                                "left no pair (raise data.pairs_per_iteration)")
+            records = wrong
         return records
 
 

@@ -327,13 +327,16 @@ def recursion_accuracy(model, tok, examples: list[dict], critic, rounds: int = 3
                                   stop_when_answered=True)["rows"]
         for a, row in zip(answers, rows):
             a.append(strip_tags(row["response"]).strip())
-    table = []
+    table, first_right = [], None
     for n in range(1, rounds + 1):
         last = [float(check(a[n - 1], g)) for a, g in zip(answers, golds)]
         merged = [float(check(critic.integrate(r["meta"]["question"], a[:n]), g))
                   for a, g, r in zip(answers, golds, examples)]
+        first_right = last if first_right is None else first_right
+        gain = [x - y for x, y in zip(last, first_right)]  # against N = 1 on the same questions (paired)
         table.append({"N": n, "accuracy": _mean(last), "ci95": bootstrap_ci(last), "integrated": _mean(merged),
-                      "integrated_ci95": bootstrap_ci(merged), "factuality": fact[n - 1]})
+                      "integrated_ci95": bootstrap_ci(merged), "factuality": fact[n - 1],
+                      "vs_first": _mean(gain), "vs_first_ci95": bootstrap_ci(gain)})
     return {"n": len(examples), "rounds": table}
 
 

@@ -51,6 +51,7 @@ def test_probe_and_recursion_score_their_answers(setup):
                              first=first)
     r1, r2 = rec["rounds"]
     assert r1["N"] == 1 and r1["accuracy"] == acc["exact_accuracy"] == r1["integrated"]
+    assert r1["vs_first"] == 0.0 and r2["vs_first"] == pytest.approx(r2["accuracy"] - r1["accuracy"])  # paired
     # round 2 re-answers after the critic's rewrite: every statement the rewrite keeps is true in the graph
     assert r2["factuality"] in (None, 1.0)
     assert [final_answer(t) for t in first] == [final_answer(s["response"]) for s in acc["samples"]]
