@@ -341,8 +341,9 @@ def training_phases(d: Path) -> dict | None:
     for k, it in enumerate(iters):
         t_it = it.stat().st_mtime
         gen += max(0.0, t_it - prev)
-        nxt = [t for t in ckpts if t >= t_it]
-        prev = nxt[0] if nxt else (iters[k + 1].stat().st_mtime if k + 1 < len(iters) else t_end)
+        t_next = iters[k + 1].stat().st_mtime if k + 1 < len(iters) else t_end
+        nxt = [t for t in ckpts if t_it <= t <= t_next]  # this iteration's checkpoint, unless keep_last removed it:
+        prev = nxt[0] if nxt else t_next  # then the next iteration's generation is counted as training (errs high)
         train += max(0.0, prev - t_it)
     return {"setup_s": round(t_held - t_cfg, 1), "gen_s": round(gen, 1), "train_s": round(train, 1),
             "finish_s": round(max(0.0, t_end - prev), 1)}

@@ -195,6 +195,16 @@ def test_training_phases_and_the_cost_estimate(tmp_path):
             p.write_text("{}")
         os.utime(p, (t, t))
     assert training_phases(d) == {"setup_s": 30.0, "gen_s": 60.0, "train_s": 300.0, "finish_s": 30.0}
+    # two iterations whose first checkpoint keep_last removed: the second generation counts as training, and the last
+    # checkpoint is not mistaken for the end of the first iteration
+    d2 = tmp_path / "r2"
+    shutil.copytree(d, d2)
+    (d2 / "data" / "iter_001.jsonl").write_text("{}")
+    (d2 / "checkpoints" / "step_8").mkdir()
+    for name, t in {**times, "data/iter_001.jsonl": 520, "checkpoints/step_8": 800, "summary.json": 830}.items():
+        os.utime(d2 / name, (t, t))
+    (d2 / "checkpoints" / "step_4").rmdir()
+    assert training_phases(d2) == {"setup_s": 30.0, "gen_s": 60.0, "train_s": 610.0, "finish_s": 30.0}
 
     # a measured grid of one stage-1 cell, and a bigger grid estimated from it
     cfgs = "stage1: {config: configs/stage1_grounded.yaml, overrides: [%s]}\n"
