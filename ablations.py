@@ -327,14 +327,17 @@ def _cost(d: Path) -> dict:
 
 def training_phases(d: Path) -> dict | None:
     """Wall seconds of a finished training run's phases, from its files' modification times: setup (model, corpus,
-    held-out pairs: config.json -> data/heldout.jsonl), generation of each iteration's pairs (-> data/iter_k.jsonl),
-    training steps (-> the iteration's checkpoint), and the finish (format check, merge, save -> summary.json)."""
+    held-out pairs: config.json -> data/heldout.jsonl; 0 without held-out pairs, when the first generation counts it),
+    generation of each iteration's pairs (-> data/iter_k.jsonl, or all of them at once -> data/static.jsonl),
+    training steps (-> the last checkpoint before the next pairs), and the finish (answer evaluation, merge, save ->
+    summary.json)."""
     try:
-        t_cfg, t_held = (d / "config.json").stat().st_mtime, (d / "data" / "heldout.jsonl").stat().st_mtime
-        t_end = (d / "summary.json").stat().st_mtime
+        t_cfg, t_end = (d / "config.json").stat().st_mtime, (d / "summary.json").stat().st_mtime
     except OSError:
         return None
-    iters = sorted((d / "data").glob("iter_*.jsonl"))
+    held = d / "data" / "heldout.jsonl"
+    t_held = held.stat().st_mtime if held.is_file() else t_cfg
+    iters = sorted((d / "data").glob("iter_*.jsonl")) or sorted((d / "data").glob("static.jsonl"))
     ckpts = sorted(p.stat().st_mtime for p in (d / "checkpoints").glob("step_*"))
     gen = train = 0.0
     prev = t_held
@@ -342,8 +345,8 @@ def training_phases(d: Path) -> dict | None:
         t_it = it.stat().st_mtime
         gen += max(0.0, t_it - prev)
         t_next = iters[k + 1].stat().st_mtime if k + 1 < len(iters) else t_end
-        nxt = [t for t in ckpts if t_it <= t <= t_next]  # this iteration's checkpoint, unless keep_last removed it:
-        prev = nxt[0] if nxt else t_next  # then the next iteration's generation is counted as training (errs high)
+        nxt = [t for t in ckpts if t_it <= t <= t_next]  # this iteration's last checkpoint, unless keep_last removed
+        prev = nxt[-1] if nxt else t_next  # it: then the next iteration's generation is counted as training (errs high)
         train += max(0.0, prev - t_it)
     return {"setup_s": round(t_held - t_cfg, 1), "gen_s": round(gen, 1), "train_s": round(train, 1),
             "finish_s": round(max(0.0, t_end - prev), 1)}
@@ -665,13 +668,15 @@ def estimate_cost(grid: Grid, measured: Grid, out: Path) -> dict:
     rates: dict[tuple, list[float]] = {}
     for c in measured.cells:
         for seed in c.seeds:
-            cost = _cost(run_dir(out, c, seed))
+            d = run_dir(out, c, seed)
+            cost = _cost(d)
             if not cost:
                 continue
-            if c.kind in SCRIPTS and cost.get("phases"):
+            phases = (training_phases(d) or cost.get("phases")) if c.kind in SCRIPTS else None  # the files, if kept
+            if phases:
                 w = work(measured, c)
                 src = rcfg(measured, c).data.rejected_source
-                for ph, secs in cost["phases"].items():
+                for ph, secs in phases.items():
                     rates.setdefault((c.kind, src, ph), []).append(secs / max(w[ph], 1e-9))
             if "eval_s" in cost:
                 rec = c.kind == "recursion"

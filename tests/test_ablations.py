@@ -205,6 +205,17 @@ def test_training_phases_and_the_cost_estimate(tmp_path):
         os.utime(d2 / name, (t, t))
     (d2 / "checkpoints" / "step_4").rmdir()
     assert training_phases(d2) == {"setup_s": 30.0, "gen_s": 60.0, "train_s": 610.0, "finish_s": 30.0}
+    # no held-out pairs (setup inside the first generation), every pair generated up front (static data), and two
+    # checkpoints of one iteration: training runs to the last of them
+    d3 = tmp_path / "r3"
+    (d3 / "data").mkdir(parents=True)
+    for name, t in {"config.json": 100, "data/static.jsonl": 250, "checkpoints/step_6": 400,
+                    "checkpoints/step_12": 550, "summary.json": 700}.items():
+        p = d3 / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.mkdir() if name.startswith("checkpoints") else p.write_text("{}")
+        os.utime(p, (t, t))
+    assert training_phases(d3) == {"setup_s": 0.0, "gen_s": 150.0, "train_s": 300.0, "finish_s": 150.0}
 
     # a measured grid of one stage-1 cell, and a bigger grid estimated from it
     cfgs = "stage1: {config: configs/stage1_grounded.yaml, overrides: [%s]}\n"
