@@ -22,7 +22,7 @@ from tqdm import tqdm
 from preflexor import fast, fsdp, rewards
 from preflexor.checkpoint import load_model_and_tokenizer, save_model
 from preflexor.config import RunConfig, load_config, to_dict
-from preflexor.datagen import DatagenConfig, build_sources, model_prompt
+from preflexor.datagen import DatagenConfig, build_sources, model_prompt, reasoning_teacher
 from preflexor.errors import UserError, exit_on_user_error
 from preflexor.fast import cpu_infer
 from preflexor.losses import get_policy_loss, group_advantages, norm_lengths, policy_hparams
@@ -35,7 +35,7 @@ from preflexor.policy import collate_completions, completion_token_logps, refere
 from preflexor.resume import resume_point, rng_states, save_checkpoint, snapshot, start_state, tidy_run_dir
 from preflexor.runtime import all_reduce_grads, all_reduce_mean, seed_everything, setup_runtime
 from preflexor.sampler import FINISH_LENGTH, generate_ex
-from preflexor.tasks import HELDOUT_START, ReasoningTeacher, RelationChecker, answer_set
+from preflexor.tasks import HELDOUT_START, RelationChecker, answer_set
 from preflexor.thinking import AnswerWatch
 from preflexor.utils import atomic_write_json, git_hash
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- data: the reasoning teacher's training questions (gold answers from the graph), the fixed held-out set
     graph = build_sources(DatagenConfig(corpus=dc.corpus, retrieval="none"))[2]
-    teacher = ReasoningTeacher(graph, seed=dc.seed, kg_section=dc.kg_triples > 0, facts=dc.retrieval != "none")
+    teacher = reasoning_teacher(dc, graph)
     checker = RelationChecker(graph)
     judge = Judge(rc.judge_url, rc.judge_model) if rc.reward_judge else None
     graded = answer_set(graph, tc.eval_answers, dc.kg_triples > 0) if tc.eval_answers else []

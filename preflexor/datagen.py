@@ -370,16 +370,23 @@ def build_sources(cfg, encode=None):
     return docs, chunks, graph, retriever
 
 
+def reasoning_teacher(cfg, graph):
+    """The reasoning teacher as a data config lays it out: the Knowledge Graph section when kg_triples > 0, the facts
+    in the prompt unless retrieval is none (any other retrieval: the facts come from the graph)."""
+    from preflexor.tasks import ReasoningTeacher
+
+    return ReasoningTeacher(graph, seed=_opt(cfg, "seed"), kg_section=_opt(cfg, "kg_triples") > 0,
+                            facts=_opt(cfg, "retrieval") != "none")
+
+
 def build_teacher(cfg, docs, chunks, graph, retriever):
     """The teacher a config names: reasoning (KG tasks with checkable answers), grounded (definitions, no LLM), http
     (OpenAI-compatible server) or local (a checkpoint)."""
-    from preflexor.tasks import ReasoningTeacher
     from preflexor.teacher import GroundedTeacher, HTTPTeacher, LocalTeacher
 
     kind = _opt(cfg, "teacher")
-    if kind == "reasoning":  # the facts are retrieved from the graph ("graph", any retriever) or left out ("none")
-        return ReasoningTeacher(graph, seed=_opt(cfg, "seed"), kg_section=_opt(cfg, "kg_triples") > 0,
-                                facts=_opt(cfg, "retrieval") != "none")
+    if kind == "reasoning":
+        return reasoning_teacher(cfg, graph)
     if _opt(cfg, "retrieval") == "graph":
         raise UserError(f"datagen: retrieval 'graph' (facts from the knowledge graph) is the reasoning teacher's; "
                         f"teacher {kind!r} retrieves text: tfidf, dense, hybrid or none")

@@ -287,10 +287,12 @@ class ReasoningTeacher:
         steps = "\n".join(f"{k}. {s}" for k, s in enumerate(t["steps"], 1))
         wrong_kg = "\n".join(f"[{L(a)}] -[is_a]-> [{L(b)}]" for a, b in t["wrong_relations"])
         wrong_steps = "\n".join(f"{k}. {s}" for k, s in enumerate(t["wrong_steps"], 1))
-        sections = lambda g, st: {"Knowledge Graph": g, "Reasoning Steps": st} if self.kg_section else \
-            {"Reasoning Steps": st}  # noqa: E731
-        chosen = assemble_thinking(sections(kg, steps)) + "\n" + t["gold"]
-        rejected = assemble_thinking(sections(wrong_kg, wrong_steps)) + "\n" + t["wrong"]
+        def thinking(graph_lines: str, step_lines: str) -> str:
+            kg_part = {"Knowledge Graph": graph_lines} if self.kg_section else {}
+            return assemble_thinking({**kg_part, "Reasoning Steps": step_lines})
+
+        chosen = thinking(kg, steps) + "\n" + t["gold"]
+        rejected = thinking(wrong_kg, wrong_steps) + "\n" + t["wrong"]
         meta = {"index": index, "seed": self.seed, "teacher": self.name, "task": t["kind"], "question": t["question"],
                 "answer": t["gold"], "rejected_answer": t["wrong"], "heldout": held, "concepts": t["concepts"],
                 "facts": [list(e) for e in t["facts"]], "relations": [list(e) for e in t["relations"]],
