@@ -330,7 +330,9 @@ def training_phases(d: Path) -> dict | None:
     held-out pairs: config.json -> data/heldout.jsonl; 0 without held-out pairs, when the first generation counts it),
     generation of each iteration's pairs (-> data/iter_k.jsonl, or all of them at once -> data/static.jsonl),
     training steps (-> the last checkpoint before the next pairs), and the finish (answer evaluation, merge, save ->
-    summary.json)."""
+    summary.json). None for a run without pair files (stage 3 samples as it trains: no phase boundary to read)."""
+    if not any((d / "data").glob("iter_*.jsonl")) and not (d / "data" / "static.jsonl").is_file():
+        return None
     try:
         t_cfg, t_end = (d / "config.json").stat().st_mtime, (d / "summary.json").stat().st_mtime
     except OSError:

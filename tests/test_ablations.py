@@ -216,6 +216,12 @@ def test_training_phases_and_the_cost_estimate(tmp_path):
         p.mkdir() if name.startswith("checkpoints") else p.write_text("{}")
         os.utime(p, (t, t))
     assert training_phases(d3) == {"setup_s": 0.0, "gen_s": 150.0, "train_s": 300.0, "finish_s": 150.0}
+    # a stage-3 run writes no pair files: no phases (not everything counted as the finish)
+    d4 = tmp_path / "r4"
+    (d4 / "checkpoints" / "step_40").mkdir(parents=True)
+    (d4 / "config.json").write_text("{}")
+    (d4 / "summary.json").write_text("{}")
+    assert training_phases(d4) is None
 
     # a measured grid of one stage-1 cell, and a bigger grid estimated from it
     cfgs = "stage1: {config: configs/stage1_grounded.yaml, overrides: [%s]}\n"
