@@ -582,17 +582,19 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 def versus(grid: Grid, cell: Cell, out: Path) -> dict | None:
     """A cell against its `vs` cell on the same questions, seed by seed (seed k of both: the same training and data
-    seeds): each seed's paired accuracy difference, their mean and sample std over seeds, the 95% t-interval of that
-    mean (the spread between trainings), and a paired bootstrap over questions and seeds pooled (question noise
-    only). None until some seed of both is evaluated."""
-    def answers(c: Cell, seed: int) -> dict:
-        return json.loads((run_dir(out, c, seed) / "reasoning.json").read_text())["models"][0]["answers"]
+    seeds), or, without `vs`, against the `from` cell it starts from (at the seed it starts from): each seed's
+    paired accuracy difference, their mean and sample std over seeds, the 95% t-interval of that mean (the spread
+    between trainings), and a paired bootstrap over questions and seeds pooled (question noise only). None until
+    some seed of both is evaluated."""
+    def answers(c: Cell, seed: int) -> Path:
+        return run_dir(out, c, seed) / "reasoning.json"
 
-    other, per_seed, pooled = grid.cell(cell.vs), {}, []
+    other, per_seed, pooled = grid.cell(cell.vs or cell.source), {}, []
     for seed in cell.seeds:
-        if not all((run_dir(out, c, seed) / "reasoning.json").is_file() for c in (cell, other)):
+        pair = answers(other, seed if cell.vs else source_seed(grid, cell, seed)), answers(cell, seed)
+        if not all(p.is_file() for p in pair):
             continue
-        a, b = answers(other, seed), answers(cell, seed)
+        a, b = (json.loads(p.read_text())["models"][0]["answers"] for p in pair)
         per_seed[seed] = paired_delta(a, b)["delta"]
         pooled += [float(y["correct"]) - float(x["correct"]) for x, y in zip(a["samples"], b["samples"])]
     if not per_seed:
@@ -606,13 +608,15 @@ def versus(grid: Grid, cell: Cell, out: Path) -> dict | None:
 
 
 def versus_lines(grid: Grid, out: Path) -> list[str]:
-    """The report's table of every cell against its `vs` cell (`versus`)."""
-    cells = [c for c in grid.cells if c.vs]
+    """The report's table of every cell against its `vs` cell, and of every stage-2/3 cell without one against the
+    cell it starts from (`versus`)."""
+    cells = [c for c in grid.cells if c.vs or (c.kind in ("stage2", "stage3") and grid.eval["kind"] == "reasoning")]
     if not cells:
         return []
-    lines = ["## Each knob against the default (paired by seed)", "",
+    lines = ["## Each stage against its start, each knob against the default (paired by seed)", "",
              "Δ = exact accuracy of the cell minus that of its `vs` cell at the same seed (same training seed, data "
-             "seed and questions). The **t-interval** is the 95% interval of the mean Δ over seeds (the spread "
+             "seed and questions), or, for a stage without `vs`, minus that of the model it starts from (one start "
+             "model for every seed when it is shared). The **t-interval** is the 95% interval of the mean Δ over seeds (the spread "
              "between trainings); a Δ is **beyond its spread** when that interval excludes 0, and **|Δ| > sd** "
              "when the mean is farther from 0 than one standard deviation over seeds. The pooled bootstrap "
              "resamples questions (and seeds together) and shows the question noise only.", "",
@@ -621,12 +625,12 @@ def versus_lines(grid: Grid, out: Path) -> list[str]:
     for c in cells:
         v = versus(grid, c, out)
         if v is None:
-            lines.append(f"| `{c.name}` | `{c.vs}` | 0 | — | — | — | — | — |")
+            lines.append(f"| `{c.name}` | `{c.vs or c.source}` | 0 | — | — | — | — | — |")
             continue
         ci = "—" if v["t_ci95"] is None else f"[{v['t_ci95'][0]:+.3f}, {v['t_ci95'][1]:+.3f}]"
         sd = "" if v["sd"] is None else f" ± {v['sd']:.3f}"
         verdict = "**yes**" if v["beyond_spread"] else "\\|Δ\\| > sd only" if v["beyond_sd"] else "no"
-        lines.append(f"| `{c.name}` | `{c.vs}` | {len(v['per_seed'])} | " +
+        lines.append(f"| `{c.name}` | `{c.vs or c.source}` | {len(v['per_seed'])} | " +
                      ", ".join(f"{d:+.3f}" for d in v["per_seed"].values()) + f" | {v['mean']:+.3f}{sd} | {ci} | "
                      f"[{v['pooled_ci95'][0]:+.3f}, {v['pooled_ci95'][1]:+.3f}] | {verdict} |")
     return lines + [""]

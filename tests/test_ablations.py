@@ -327,3 +327,13 @@ cells:
             line.startswith("| `same`")}
     assert rows["| `up`"].endswith("| **yes** |") and "+0.400, +0.300, +0.300" in rows["| `up`"]
     assert rows["| `same`"].endswith("| no |")
+    # a stage without `vs` against the stage-1 model every seed starts from (seed 0 of s1, shared)
+    s1 = run_dir(out, g.cell("s1"), 0)
+    s1.mkdir(parents=True)
+    (s1 / "reasoning.json").write_text(json.dumps({"models": [{"answers": {
+        "n": 10, "exact_accuracy": 0.5, "samples": [{"correct": i < 5} for i in range(10)]}}]}))
+    d = versus(g, g.cell("d"), out)
+    assert d["per_seed"] == {0: -0.2, 1: -0.1, 2: 0.0} and math.isclose(d["mean"], -0.1)
+    row = next(line for line in write_report(g, out, tmp_path / "r.md", "cmd").splitlines()
+               if line.startswith("| `d` | `s1` |"))
+    assert "-0.200, -0.100, +0.000" in row
