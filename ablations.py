@@ -586,12 +586,12 @@ def versus(grid: Grid, cell: Cell, out: Path) -> dict | None:
     paired accuracy difference, their mean and sample std over seeds, the 95% t-interval of that mean (the spread
     between trainings), and a paired bootstrap over questions and seeds pooled (question noise only). None until
     some seed of both is evaluated."""
-    def answers(c: Cell, seed: int) -> Path:
+    def evaluation(c: Cell, seed: int) -> Path:
         return run_dir(out, c, seed) / "reasoning.json"
 
     other, per_seed, pooled = grid.cell(cell.vs or cell.source), {}, []
     for seed in cell.seeds:
-        pair = answers(other, seed if cell.vs else source_seed(grid, cell, seed)), answers(cell, seed)
+        pair = evaluation(other, seed if cell.vs else source_seed(grid, cell, seed)), evaluation(cell, seed)
         if not all(p.is_file() for p in pair):
             continue
         a, b = (json.loads(p.read_text())["models"][0]["answers"] for p in pair)
@@ -616,10 +616,10 @@ def versus_lines(grid: Grid, out: Path) -> list[str]:
     lines = ["## Each stage against its start, each knob against the default (paired by seed)", "",
              "Δ = exact accuracy of the cell minus that of its `vs` cell at the same seed (same training seed, data "
              "seed and questions), or, for a stage without `vs`, minus that of the model it starts from (one start "
-             "model for every seed when it is shared). The **t-interval** is the 95% interval of the mean Δ over seeds (the spread "
-             "between trainings); a Δ is **beyond its spread** when that interval excludes 0, and **|Δ| > sd** "
-             "when the mean is farther from 0 than one standard deviation over seeds. The pooled bootstrap "
-             "resamples questions (and seeds together) and shows the question noise only.", "",
+             "model for every seed when it is shared). The **t-interval** is the 95% interval of the mean Δ over "
+             "seeds (the spread between trainings); a Δ is **beyond its spread** when that interval excludes 0, and "
+             "**|Δ| > sd** when the mean is farther from 0 than one standard deviation over seeds. The pooled "
+             "bootstrap resamples questions (and seeds together) and shows the question noise only.", "",
              "| cell | vs | n | Δ per seed | mean Δ ± sd | t-interval (95%) | pooled bootstrap (95%) | beyond its "
              "spread |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
