@@ -610,7 +610,9 @@ def versus(grid: Grid, cell: Cell, out: Path) -> dict | None:
 def versus_lines(grid: Grid, out: Path) -> list[str]:
     """The report's table of every cell against its `vs` cell, and of every stage-2/3 cell without one against the
     cell it starts from (`versus`)."""
-    cells = [c for c in grid.cells if c.vs or (c.kind in ("stage2", "stage3") and grid.eval["kind"] == "reasoning")]
+    if grid.eval["kind"] != "reasoning":  # `vs` needs it; the comparison reads reasoning.json
+        return []
+    cells = [c for c in grid.cells if c.vs or c.kind in ("stage2", "stage3")]
     if not cells:
         return []
     lines = ["## Each stage against its start, each knob against the default (paired by seed)", "",
